@@ -1,0 +1,99 @@
+r"""Radial flows (Rezende & Mohamed 2015), with an analytic inverse.
+
+.. math::
+
+    f(x) = x + \beta\, h(r)\, (x - x_0), \qquad r = \lVert x - x_0 \rVert,
+    \qquad h(r) = \frac{1}{\alpha + r},
+
+    \log |\det J_f(x)| = (D - 1) \log\left(1 + \beta h(r)\right)
+        + \log\left(1 + \frac{\alpha\beta}{(\alpha + r)^2}\right).
+
+Invertibility needs :math:`\beta \ge -\alpha`. We use :math:`\alpha = \mathrm{softplus}(a)` and
+:math:`\beta = \alpha\, m(c)` with the shifted softplus :math:`m(c) > -1`, :math:`m(0) = 0`, so
+:math:`\beta > -\alpha` always and :math:`c = 0` is the identity.
+
+Inverse: :math:`y - x_0 = (1 + \beta h(r))(x - x_0)` is parallel to :math:`x - x_0`, and
+:math:`\rho = \lVert y - x_0 \rVert = r (1 + \beta / (\alpha + r))` gives the quadratic
+:math:`r^2 + (\alpha + \beta - \rho) r - \alpha\rho = 0` with a single root :math:`r \ge 0`, taken
+in the form that does not cancel. Then :math:`x = x_0 + (y - x_0) / (1 + \beta h(r))`.
+
+Reference: Rezende & Mohamed 2015, "Variational Inference with Normalizing Flows",
+arXiv:1505.05770.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Flow, _Parameters
+from .planar import shifted_softplus
+
+__all__ = ["Radial"]
+
+
+class Radial(Flow):
+    r"""A radial flow :math:`f(x) = x + \beta (x - x_0) / (\alpha + \lVert x - x_0 \rVert)`.
+
+    Args:
+        dim: the dimension.
+        context_dim: a context's width; with ``context_dim > 0`` an MLP of the context gives
+            :math:`x_0, \alpha, \beta`.
+        hidden: the context network's hidden widths.
+        activation: the context network's activation.
+
+    Starts as the identity (:math:`\beta = 0`, a random centre :math:`x_0`).
+
+    Example:
+        >>> flow = Radial(2)
+        >>> with torch.no_grad():
+        ...     flow.params.raw[-1] = 1.5
+        >>> x = torch.randn(4, 2)
+        >>> bool(torch.allclose(flow.inv(flow(x)), x, atol=1e-5))
+        True
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int = 0,
+        hidden: Sequence[int] = (64,),
+        activation: type[nn.Module] = nn.ReLU,
+        cache_size: int = 1,
+    ) -> None:
+        super().__init__(dim, context_dim, cache_size)
+        init = torch.cat([torch.randn(dim), torch.zeros(2)])
+        self.params = _Parameters(init, context_dim, hidden, activation)
+
+    def _split(self, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        raw = self.params(context)
+        x0, a, c = raw.split((self.dim, 1, 1), dim=-1)
+        alpha = F.softplus(a)
+        beta = alpha * shifted_softplus(c)
+        return x0, alpha.squeeze(-1), beta.squeeze(-1)
+
+    def _ladj(self, r: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+        h = 1 / (alpha + r)
+        return (self.dim - 1) * torch.log1p(beta * h) + torch.log1p(alpha * beta * h * h)
+
+    def _forward_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        x0, alpha, beta = self._split(context)
+        diff = x - x0
+        r = torch.linalg.vector_norm(diff, dim=-1)
+        y = x + (beta / (alpha + r)).unsqueeze(-1) * diff
+        return y, self._ladj(r, alpha, beta)
+
+    def _inverse_ladj(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        x0, alpha, beta = self._split(context)
+        diff = y - x0
+        rho = torch.linalg.vector_norm(diff, dim=-1)
+        # r^2 + p r - alpha rho = 0 with p = alpha + beta - rho; the positive root without
+        # cancellation: 2 alpha rho / (p + sqrt(.)) when p >= 0, (sqrt(.) - p) / 2 otherwise
+        p = alpha + beta - rho
+        root = torch.sqrt(p * p + 4 * alpha * rho)
+        r = torch.where(p >= 0, 2 * alpha * rho / (p + root), 0.5 * (root - p))
+        x = x0 + diff / (1 + beta / (alpha + r)).unsqueeze(-1)
+        return x, self._ladj(r, alpha, beta)
