@@ -1,6 +1,8 @@
 """flowguide: normalizing-flow posteriors for Pyro."""
 
 from . import nn, transforms
+from .guides import AutoFlow, AutoIAF, AutoNeuralSpline, AutoPlanar, AutoRadial
+from .train import FitResult, fit
 from .transforms import (
     AffineAutoregressive,
     Compose,
@@ -16,14 +18,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AffineAutoregressive",
+    "AutoFlow",
+    "AutoIAF",
+    "AutoNeuralSpline",
+    "AutoPlanar",
+    "AutoRadial",
     "Compose",
     "ElementwiseAffine",
+    "FitResult",
     "Permute",
     "Planar",
     "Radial",
     "SplineAutoregressive",
     "SplineCoupling",
     "__version__",
+    "fit",
     "nn",
     "transforms",
 ]

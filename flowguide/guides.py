@@ -1,0 +1,430 @@
+r"""Flow autoguides for SVI: drop-in replacements for ``AutoNormal`` and friends.
+
+Every guide here is a Pyro :class:`~pyro.infer.autoguide.AutoContinuous`: it packs the model's
+latent sites, unconstrained by ``biject_to``, into one vector :math:`z \in \mathbb{R}^D` and
+represents the posterior as
+
+.. math::
+
+    \varepsilon \sim \mathcal{N}(0, I_D), \qquad
+    z = \mu + \sigma \odot f(\varepsilon),
+
+with :math:`f` a flow (identity at initialisation) and :math:`(\mu, \sigma)` a learnable
+elementwise affine map started at the model's initial values :math:`\mu_0` (``init_loc_fn``) and
+``init_scale``. That is a learnable diagonal Normal :math:`\mathcal{N}(\mu_0, \sigma_0^2)` shaped by
+the flow: at step 0 the guide equals ``AutoDiagonalNormal``'s start, whatever the model's scale
+(Pyro's flow guides start from a fixed :math:`\mathcal{N}(0, I)` instead). Because the flow acts on
+standardised coordinates, a spline's bound :math:`B` means "B posterior standard deviations".
+
+``get_base_dist()`` is :math:`\mathcal{N}(0, I)` and ``get_transform()`` is
+:math:`\varepsilon \mapsto \mu + \sigma \odot f(\varepsilon)`, so everything Pyro builds on those
+two (``get_posterior``, ``Predictive``, ``NeuTraReparam``) works unchanged, and NeuTra samples a
+space that is standard normal when the fit is good.
+
+Defaults (depth, widths, bins, bound) need no tuning up to a few hundred latent dimensions:
+
+========================  ========================================================================
+guide                     default flow
+========================  ========================================================================
+``AutoPlanar``            16 planar layers
+``AutoRadial``            16 radial layers
+``AutoIAF``               3 affine autoregressive layers, reversed order in between, MADE
+                          widths ``(w, w)`` with ``w = clip(4 D, 32, 512)``
+``AutoNeuralSpline``      3 rational-quadratic spline layers (8 bins, bound 3), autoregressive;
+                          ``coupling=True`` uses coupling layers with random permutations in
+                          between (autoregressive when ``D < 2``); same widths as ``AutoIAF``
+========================  ========================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer.autoguide import AutoContinuous
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor, nn
+from torch.distributions import biject_to
+
+from .transforms import (
+    AffineAutoregressive,
+    Compose,
+    ElementwiseAffine,
+    Flow,
+    Permute,
+    Planar,
+    Radial,
+    SplineAutoregressive,
+    SplineCoupling,
+)
+
+__all__ = [
+    "AutoFlow",
+    "AutoIAF",
+    "AutoNeuralSpline",
+    "AutoPlanar",
+    "AutoRadial",
+    "default_hidden",
+    "robust_init",
+]
+
+FlowFactory = Callable[[int], Flow]
+
+
+def default_hidden(dim: int) -> tuple[int, int]:
+    """The conditioners' default hidden widths for ``dim`` latent dimensions:
+    two layers of ``clip(4 * dim, 32, 512)``."""
+    width = min(max(4 * dim, 32), 512)
+    return (width, width)
+
+
+def _feasible(site: dict) -> Tensor:
+    """The point that unconstrained zeros map to, found without sampling the site (Pyro's
+    ``init_to_feasible`` samples once for the shape, which ``ImproperUniform`` cannot do)."""
+    fn = site["fn"]
+    t = biject_to(fn.support)
+    dtype = next((v.dtype for v in vars(fn).values() if isinstance(v, Tensor)), None)
+    return t(torch.zeros(t.inverse_shape(fn.shape()), dtype=dtype))
+
+
+def _probe_init(site: dict) -> Tensor:
+    if site["fn"].support.is_discrete:
+        return site["fn"].sample()
+    return _feasible(site)
+
+
+def robust_init(init_loc_fn: Callable[[dict], Tensor]) -> Callable[[dict], Tensor]:
+    """Wrap a Pyro init strategy so that a site whose distribution cannot be sampled (for example
+    ``ImproperUniform``) falls back to :func:`~pyro.infer.autoguide.initialization.init_to_feasible`
+    instead of raising (at the point unconstrained zeros map to)."""
+
+    def init(site: dict) -> Tensor:
+        try:
+            return init_loc_fn(site)
+        except NotImplementedError:
+            return _feasible(site)
+
+    return init
+
+
+class AutoFlow(AutoContinuous):
+    r"""A flow autoguide: a learnable diagonal Normal at the model's initial values, shaped by a
+    flowguide flow (see the module docstring for the construction).
+
+    Args:
+        model: a Pyro model whose latent sites are continuous and global.
+        flow: a :class:`~flowguide.transforms.Flow` of the latent dimension, or a callable
+            ``dim -> Flow`` (called once the latent dimension is known).
+        init_loc_fn: Pyro's per-site init strategy (default ``init_to_median``; sites that cannot
+            be sampled, such as ``ImproperUniform`` ones, fall back to ``init_to_feasible``).
+        init_scale: the initial standard deviation of every unconstrained coordinate.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> from flowguide.transforms import Planar
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        >>> guide = AutoFlow(model, flow=lambda dim: Planar(dim))
+        >>> guide()["x"].shape
+        torch.Size([2])
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        flow: Flow | FlowFactory,
+        *,
+        init_loc_fn: Callable[[dict], Tensor] = init_to_median,
+        init_scale: float = 0.1,
+    ) -> None:
+        if not (isinstance(flow, Flow) or callable(flow)):
+            raise TypeError(
+                "flow must be a flowguide Flow or a callable dim -> Flow, "
+                f"got {type(flow).__name__}"
+            )
+        if isinstance(flow, Flow) and flow.context_dim:
+            raise ValueError(
+                f"flow must be unconditional (context_dim=0), got context_dim={flow.context_dim}"
+            )
+        if not (isinstance(init_scale, (int, float)) and init_scale > 0):
+            raise ValueError(f"init_scale must be a number > 0, got {init_scale!r}")
+        super().__init__(model, init_loc_fn=robust_init(init_loc_fn))
+        # a factory (a closure, so that a given flow is registered once, inside the transform)
+        self._make_flow: FlowFactory = (lambda _: flow) if isinstance(flow, Flow) else flow
+        self._init_scale = float(init_scale)
+        self._raw_model = model
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        # a first look at every site, observed ones included, that cannot fail on discrete or
+        # improper sites, so that errors can name the site
+        probe_model = InitMessenger(_probe_init)(self._raw_model)
+        probe = poutine.block(poutine.trace(probe_model).get_trace)(*args, **kwargs)
+        self._check_sites(probe)
+        super()._setup_prototype(*args, **kwargs)
+        # the deepest plate over all sample sites (the prototype trace hides observed sites);
+        # vectorised particles go in a plate to its left
+        self.max_plate_nesting = max(
+            (
+                -frame.dim
+                for site in probe.nodes.values()
+                if site["type"] == "sample"
+                for frame in site["cond_indep_stack"]
+                if frame.vectorized
+            ),
+            default=0,
+        )
+        loc = self._init_loc().detach()
+        flow = self._make_flow(self.latent_dim)
+        if not isinstance(flow, Flow):
+            raise TypeError(f"the flow factory must return a flowguide Flow, got {type(flow)}")
+        if flow.dim != self.latent_dim:
+            raise ValueError(
+                f"flow has dim={flow.dim} but the model's latent dimension is {self.latent_dim} "
+                f"(sites {list(self._unconstrained_shapes)})"
+            )
+        affine = ElementwiseAffine(self.latent_dim, loc=loc, scale=self._init_scale)
+        self.transform = Compose([flow, affine]).to(device=loc.device, dtype=loc.dtype)
+
+    @property
+    def flow(self) -> Flow:
+        """The flow :math:`f` acting on standardised coordinates."""
+        return self.transform[0]
+
+    @property
+    def affine(self) -> ElementwiseAffine:
+        """The learnable diagonal Normal's location and scale, as an elementwise affine map."""
+        return self.transform[1]  # type: ignore[return-value]
+
+    def _check_sites(self, trace: poutine.Trace) -> None:
+        sites = [
+            (name, site)
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+        ]
+        if not sites:
+            raise ValueError(
+                f"{type(self).__name__} found no latent sample site in the model: there is "
+                "nothing to infer (every pyro.sample site is observed)"
+            )
+        for name, site in sites:
+            support = site["fn"].support
+            if support.is_discrete:
+                raise ValueError(
+                    f"site {name!r} is discrete (support {support}); {type(self).__name__} "
+                    "covers continuous sites only: enumerate it (config_enumerate with "
+                    "TraceEnum_ELBO) and guide the rest with "
+                    "AutoGuideList([..., AutoFlow(poutine.block(model, hide=[...]))])"
+                )
+            for frame in site["cond_indep_stack"]:
+                if (
+                    frame.vectorized
+                    and frame.full_size is not None
+                    and (frame.size != frame.full_size)
+                ):
+                    raise ValueError(
+                        f"site {name!r} is a local latent in the subsampled plate "
+                        f"{frame.name!r} ({frame.size} of {frame.full_size}); a global flow "
+                        "guide cannot follow a changing subsample: use an amortized flow "
+                        "posterior (flowguide.amortized) for local latents"
+                    )
+
+    # -- the AutoContinuous contract -----------------------------------------------------------
+    def get_base_dist(self) -> dist.Distribution:
+        zero = self.affine.loc.new_zeros(self.latent_dim)
+        return dist.Normal(zero, torch.ones_like(zero)).to_event(1)
+
+    def get_transform(self, *args: Any, **kwargs: Any) -> Compose:
+        return self.transform
+
+    def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TransformedDistribution:
+        return dist.TransformedDistribution(self.get_base_dist(), [self.transform])
+
+    def rsample_unconstrained(self, num_samples: int | None = None) -> tuple[Tensor, Tensor]:
+        """Draw packed unconstrained latents :math:`z` (shape ``(num_samples, D)``, or ``(D,)``
+        when ``num_samples`` is None) with :math:`\\log q(z)`, differentiably and in one fused
+        pass; the guide's parameters are registered with Pyro's param store as in a guide call.
+        """
+        if self.prototype_trace is None:
+            raise RuntimeError(
+                f"{type(self).__name__} is not set up yet: call it once with the model's "
+                "arguments (or use flowguide.fit)"
+            )
+        with self._pyro_context:  # registers the transform's parameters like a guide call
+            transform = self.get_transform()
+            base = self.get_base_dist()
+        eps = base.rsample(() if num_samples is None else (num_samples,))
+        z, ladj = transform.forward_and_log_abs_det(eps)
+        return z, base.log_prob(eps) - ladj
+
+    # -- summaries by Monte Carlo (a flow has no closed-form quantiles) ------------------------
+    @torch.no_grad()
+    def sample_constrained(self, num_samples: int, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Draw ``num_samples`` from the guide, keyed by the model's site names, each of shape
+        ``(num_samples, *site_shape)`` and in the site's support."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        latent = self.get_posterior().sample((num_samples,))
+        # sites in plates need the sample dim left of the plate dims
+        latent = latent.reshape(num_samples, *(1,) * self.max_plate_nesting, self.latent_dim)
+        return {
+            site["name"]: biject_to(site["fn"].support)(value).reshape(
+                num_samples, *site["value"].shape
+            )
+            for site, value in self._unpack_latent(latent)
+        }
+
+    @torch.no_grad()
+    def quantiles(
+        self,
+        quantiles: Sequence[float] | Tensor,
+        *args: Any,
+        num_samples: int = 4000,
+        **kwargs: Any,
+    ) -> dict[str, Tensor]:
+        """Posterior quantiles of each latent site, estimated from ``num_samples`` draws (with a
+        fixed seed, so repeated calls agree and the global random state is left alone)."""
+        q = torch.as_tensor(quantiles, dtype=torch.float64)
+        if q.dim() != 1 or ((q < 0) | (q > 1)).any():
+            raise ValueError(f"quantiles must be a list of numbers in [0, 1], got {quantiles!r}")
+        with torch.random.fork_rng(devices=self._cuda_devices()):
+            torch.manual_seed(0)
+            draws = self.sample_constrained(num_samples, *args, **kwargs)
+        return {
+            name: torch.quantile(v.double(), q.to(v.device), dim=0).to(v.dtype)
+            for name, v in draws.items()
+        }
+
+    def _cuda_devices(self) -> list[torch.device]:
+        if self.prototype_trace is None:
+            return []
+        device = self.affine.loc.device
+        return [device] if device.type == "cuda" else []
+
+    @torch.no_grad()
+    def median(self, *args: Any, num_samples: int = 4000, **kwargs: Any) -> dict[str, Tensor]:
+        """The posterior median of each latent site (elementwise, by Monte Carlo)."""
+        return {
+            k: v[0]
+            for k, v in self.quantiles([0.5], *args, num_samples=num_samples, **kwargs).items()
+        }
+
+
+def _stack(layers: list[Flow]) -> Compose:
+    return Compose(layers)
+
+
+class AutoPlanar(AutoFlow):
+    """:class:`AutoFlow` with ``num_flows`` planar layers (Rezende & Mohamed 2015).
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> guide = AutoPlanar(lambda: pyro.sample("s", dist.LogNormal(0.0, 1.0)))
+        >>> bool(guide()["s"] > 0)
+        True
+    """
+
+    def __init__(self, model: Callable[..., Any], num_flows: int = 16, **kwargs: Any) -> None:
+        _check_count(num_flows, "num_flows")
+        super().__init__(model, lambda d: _stack([Planar(d) for _ in range(num_flows)]), **kwargs)
+
+
+class AutoRadial(AutoFlow):
+    """:class:`AutoFlow` with ``num_flows`` radial layers (Rezende & Mohamed 2015)."""
+
+    def __init__(self, model: Callable[..., Any], num_flows: int = 16, **kwargs: Any) -> None:
+        _check_count(num_flows, "num_flows")
+        super().__init__(model, lambda d: _stack([Radial(d) for _ in range(num_flows)]), **kwargs)
+
+
+class AutoIAF(AutoFlow):
+    """:class:`AutoFlow` with ``num_flows`` inverse autoregressive layers (Kingma et al. 2016),
+    the order reversed between layers.
+
+    Args:
+        model: the model.
+        num_flows: the number of layers.
+        hidden: the MADE widths (default :func:`default_hidden`).
+        activation: the MADE activation.
+        **kwargs: as for :class:`AutoFlow`.
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        num_flows: int = 3,
+        hidden: Sequence[int] | None = None,
+        activation: type[nn.Module] = nn.ReLU,
+        **kwargs: Any,
+    ) -> None:
+        _check_count(num_flows, "num_flows")
+
+        def make(d: int) -> Compose:
+            layers: list[Flow] = []
+            for i in range(num_flows):
+                if i:
+                    layers.append(Permute(d))
+                layers.append(
+                    AffineAutoregressive(d, hidden or default_hidden(d), activation=activation)
+                )
+            return _stack(layers)
+
+        super().__init__(model, make, **kwargs)
+
+
+class AutoNeuralSpline(AutoFlow):
+    """:class:`AutoFlow` with ``num_flows`` rational-quadratic neural spline layers (Durkan et al.
+    2019): autoregressive by default, coupling layers with ``coupling=True``.
+
+    Args:
+        model: the model.
+        num_flows: the number of spline layers.
+        bins: spline bins.
+        bound: the spline's half-width, in standardised units (posterior sds at the start).
+        hidden: the conditioner widths (default :func:`default_hidden`).
+        coupling: use coupling layers (one network pass both ways) instead of autoregressive ones;
+            a one-dimensional latent falls back to autoregressive.
+        activation: the conditioner activation.
+        **kwargs: as for :class:`AutoFlow`.
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        num_flows: int = 3,
+        bins: int = 8,
+        bound: float = 3.0,
+        hidden: Sequence[int] | None = None,
+        coupling: bool = False,
+        activation: type[nn.Module] = nn.ReLU,
+        **kwargs: Any,
+    ) -> None:
+        _check_count(num_flows, "num_flows")
+
+        def make(d: int) -> Compose:
+            widths = hidden or default_hidden(d)
+            layers: list[Flow] = []
+            gen = torch.Generator().manual_seed(d)
+            for i in range(num_flows):
+                if coupling and d >= 2:
+                    if i:
+                        layers.append(Permute(d, torch.randperm(d, generator=gen)))
+                    layers.append(SplineCoupling(d, bins, bound, widths, activation=activation))
+                else:
+                    if i:
+                        layers.append(Permute(d))
+                    layers.append(
+                        SplineAutoregressive(d, bins, bound, widths, activation=activation)
+                    )
+            return _stack(layers)
+
+        super().__init__(model, make, **kwargs)
+
+
+def _check_count(value: Any, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -1,0 +1,345 @@
+r"""The SVI loop: ``flowguide.fit(model, guide, *args, **kwargs)``.
+
+One call fits a guide with sensible defaults: Adam with an exponentially decaying learning rate,
+early stopping once the smoothed loss stops improving, a progress bar, a guard against
+non-finite losses and gradients, clean Ctrl-C, and atomic, resumable checkpoints.
+
+For a flowguide :class:`~flowguide.guides.AutoFlow` the default loss is a direct ELBO estimate
+that skips Pyro's guide trace: it draws :math:`\varepsilon \sim \mathcal{N}(0, I)` for all
+particles at once, pushes them through the flow with its fused log-det,
+
+.. math::
+
+    \widehat{\mathrm{ELBO}} = \frac{1}{S} \sum_{s=1}^{S} \Big[
+        \log p\big(x, T(z_s)\big) + \log |\det J_T(z_s)| - \log q(z_s) \Big],
+    \qquad z_s = g(\varepsilon_s),
+
+(:math:`T` the ``biject_to`` maps to the sites' supports), and evaluates the model once for all
+particles in a vectorised plate. It is the same estimator as ``Trace_ELBO`` with
+``vectorize_particles=True``. Any Pyro ELBO with a ``differentiable_loss`` can be passed as
+``loss`` instead, for any guide.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import ELBO
+from pyro.infer.autoguide import AutoGuide
+from torch import Tensor
+from torch.distributions import biject_to
+
+from .guides import AutoFlow
+
+__all__ = ["CHECKPOINT_FORMAT", "FitResult", "fit", "flow_elbo_loss", "load_checkpoint"]
+
+CHECKPOINT_FORMAT = "flowguide-checkpoint-v1"
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+        losses: the loss (negative ELBO) at every step taken, skipped steps excluded.
+        num_steps: the number of the last step (counting from 0, so ``len`` of the run).
+        stopped: why it stopped: ``"budget"``, ``"plateau"`` or ``"interrupted"``.
+        skipped_steps: steps whose loss or gradient was not finite, so no update was made.
+        seconds: wall time of this call.
+    """
+
+    losses: list[float] = field(default_factory=list)
+    num_steps: int = 0
+    stopped: str = "budget"
+    skipped_steps: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final_loss(self) -> float:
+        """The mean loss over the last 10% of the steps (at least one)."""
+        tail = self.losses[-max(1, len(self.losses) // 10) :]
+        return sum(tail) / len(tail) if tail else math.nan
+
+
+def flow_elbo_loss(
+    model: Callable[..., Any], guide: AutoFlow, *args: Any, num_particles: int = 1, **kwargs: Any
+) -> Tensor:
+    """The negative ELBO of an :class:`AutoFlow`, differentiable, estimated with
+    ``num_particles`` draws evaluated in one vectorised model call (see the module docstring)."""
+    if guide.prototype_trace is None:
+        guide._setup_prototype(*args, **kwargs)
+    shape = (num_particles,) if num_particles > 1 else ()
+    z, log_q = guide.rsample_unconstrained(num_particles if shape else None)
+    nesting = guide.max_plate_nesting
+    values: dict[str, Tensor] = {}
+    log_jac: Tensor | float = 0.0
+    for site, unconstrained in guide._unpack_latent(z):
+        t = biject_to(site["fn"].support)
+        value = t(unconstrained)
+        jac = t.log_abs_det_jacobian(unconstrained, value)
+        log_jac = log_jac + jac.reshape(*shape, -1).sum(-1)
+        if shape:
+            batch_dims = site["value"].dim() - site["fn"].event_dim
+            value = value.reshape(*shape, *(1,) * (nesting - batch_dims), *site["value"].shape)
+        values[site["name"]] = value
+    with ExitStack() as stack:
+        if shape:
+            stack.enter_context(pyro.plate("_flowguide_particles", num_particles, dim=-nesting - 1))
+        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+    log_p = trace.log_prob_sum()
+    return -(log_p + (log_jac - log_q).sum()) / max(num_particles, 1)
+
+
+def _atomic_save(obj: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`fit`, safely (``weights_only``): a file that is not a
+    flowguide checkpoint raises ``ValueError`` saying so."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle errors, zip errors, unsafe globals ...
+        raise ValueError(f"{path} is not a readable flowguide checkpoint: {error}") from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path} is not a flowguide checkpoint (expected format {CHECKPOINT_FORMAT!r})"
+        )
+    return state
+
+
+def _params(run: Callable[[], Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    with poutine.trace(param_only=True) as tape:
+        loss = run()
+    params = {name: site["value"].unconstrained() for name, site in tape.trace.nodes.items()}
+    return loss, params
+
+
+def fit(
+    model: Callable[..., Any],
+    guide: AutoGuide,
+    *args: Any,
+    num_steps: int = 5000,
+    lr: float = 0.01,
+    lr_decay: float = 0.1,
+    optim: Callable[..., torch.optim.Optimizer] | None = None,
+    loss: ELBO | None = None,
+    num_particles: int = 1,
+    patience: int = 3,
+    window: int = 200,
+    min_steps: int = 500,
+    progress: bool = True,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 500,
+    resume: bool = True,
+    max_bad_steps: int = 25,
+    seed: int | None = None,
+    **kwargs: Any,
+) -> FitResult:
+    """Fit ``guide`` to ``model(*args, **kwargs)`` by stochastic variational inference.
+
+    Args:
+        model, guide: the Pyro model and guide.
+        *args, **kwargs: the model's arguments.
+        num_steps: the most steps (the budget).
+        lr: Adam's initial learning rate; it decays exponentially to ``lr * lr_decay`` at the
+            budget.
+        optim: a torch optimiser class or factory ``params -> Optimizer`` (default Adam).
+        loss: a Pyro ELBO (``Trace_ELBO()``, ``RenyiELBO()``, ...); default: the direct flow
+            ELBO for an :class:`AutoFlow` (:func:`flow_elbo_loss`), ``Trace_ELBO`` otherwise.
+        num_particles: particles for the default loss (a Pyro ELBO has its own).
+        patience, window, min_steps: early stopping: after ``min_steps``, stop when the mean
+            loss of ``patience`` successive windows of ``window`` steps each improved by less
+            than half its standard error. ``patience=0`` disables it.
+        progress: show a progress bar with the running loss.
+        checkpoint: a file to write every ``checkpoint_every`` steps (atomically) and at the end;
+            with ``resume=True`` an existing one is loaded first, and the run continues where it
+            stopped (the same seed gives the same losses as an uninterrupted run).
+        max_bad_steps: stop with ``FloatingPointError`` after this many consecutive steps with a
+            non-finite loss or gradient (such steps never change the parameters).
+        seed: seeds Pyro's random state first.
+
+    Returns:
+        a :class:`FitResult`.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> from flowguide import AutoIAF
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(3.0, 2.0))
+        >>> result = fit(model, AutoIAF(model), num_steps=300, progress=False, seed=0)
+        >>> result.stopped, len(result.losses)
+        ('budget', 300)
+    """
+    for name, value, low in (
+        ("num_steps", num_steps, 1),
+        ("num_particles", num_particles, 1),
+        ("window", window, 2),
+        ("checkpoint_every", checkpoint_every, 1),
+        ("max_bad_steps", max_bad_steps, 1),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if not 0 < lr_decay <= 1:
+        raise ValueError(f"lr_decay must lie in (0, 1], got {lr_decay!r}")
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    start = time.perf_counter()
+
+    if loss is None and isinstance(guide, AutoFlow):
+
+        def run() -> Tensor:
+            return flow_elbo_loss(model, guide, *args, num_particles=num_particles, **kwargs)
+    else:
+        elbo = loss if loss is not None else pyro.infer.Trace_ELBO()
+
+        def run() -> Tensor:
+            return elbo.differentiable_loss(model, guide, *args, **kwargs)
+
+    # one evaluation sets up every parameter (guide and model) before the optimiser is made
+    _, params = _params(run)
+    make_optim = optim or torch.optim.Adam
+    optimizer = make_optim(list(params.values()), lr=lr)
+    gamma = lr_decay ** (1.0 / num_steps)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
+    result = FitResult()
+    step = 0
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and resume and path.exists():
+        state = load_checkpoint(path)
+        _restore(state, params, optimizer, scheduler)
+        result.losses = list(state["losses"])
+        result.skipped_steps = list(state["skipped_steps"])
+        step = int(state["step"])
+
+    def save() -> None:
+        if path is not None:
+            _atomic_save(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "step": step,
+                    "params": {k: v.detach().cpu() for k, v in params.items()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "losses": result.losses,
+                    "skipped_steps": result.skipped_steps,
+                    "rng": torch.get_rng_state(),
+                },
+                path,
+            )
+
+    bar = _progress(num_steps, step, progress)
+    bad = 0
+    try:
+        while step < num_steps:
+            value, new = _params(run)
+            if new.keys() != params.keys():
+                for name in new.keys() - params.keys():
+                    optimizer.add_param_group({"params": [new[name]]})
+                params = new
+            finite = bool(torch.isfinite(value))
+            if finite:
+                value.backward()
+                finite = all(
+                    p.grad is None or bool(p.grad.isfinite().all()) for p in params.values()
+                )
+            if finite:
+                optimizer.step()
+                result.losses.append(value.item())
+                bad = 0
+            else:
+                result.skipped_steps.append(step)
+                bad += 1
+                if bad >= max_bad_steps:
+                    raise FloatingPointError(
+                        f"fit stopped at step {step}: the loss or its gradient was not finite "
+                        f"for {bad} steps in a row (last loss {value.item()}); the parameters "
+                        "hold their last finite values. Try a smaller lr, a smaller init_scale, "
+                        "more num_particles, or check the model for impossible values"
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                if result.losses and step % 10 == 0:
+                    bar.set_postfix(loss=f"{result.losses[-1]:.4g}")
+            if path is not None and step % checkpoint_every == 0:
+                save()
+            if patience and step >= min_steps and step % window == 0:
+                if _plateaued(result.losses, window, patience):
+                    result.stopped = "plateau"
+                    break
+    except KeyboardInterrupt:
+        result.stopped = "interrupted"
+    finally:
+        if bar is not None:
+            bar.close()
+    save()
+    result.num_steps = step
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _restore(
+    state: dict[str, Any],
+    params: dict[str, Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    saved = state["params"]
+    if saved.keys() != params.keys():
+        raise ValueError(
+            "the checkpoint's parameters do not match this model and guide: "
+            f"missing {sorted(params.keys() - saved.keys())}, "
+            f"unexpected {sorted(saved.keys() - params.keys())}"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+
+
+def _plateaued(losses: list[float], window: int, patience: int) -> bool:
+    """Whether each of the last ``patience`` windows improved on the one before by less than half
+    the standard error of a window mean."""
+    if len(losses) < (patience + 1) * window:
+        return False
+    t = torch.tensor(losses[-(patience + 1) * window :], dtype=torch.float64).view(patience + 1, -1)
+    means = t.mean(1)
+    se = t.std(1).max() / math.sqrt(window)
+    return bool(((means[:-1] - means[1:]) < 0.5 * se).all())
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="fit", unit="step", dynamic_ncols=True)
