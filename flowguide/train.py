@@ -256,7 +256,16 @@ def fit(
     bad = 0
     try:
         while step < num_steps:
-            value, new = _params(run)
+            try:
+                value, new = _params(run)
+            except ValueError as error:
+                # Pyro's and torch's argument validation reports a NaN in a distribution's
+                # parameters as a ValueError: that is a non-finite step like any other
+                if "invalid values" not in str(error):
+                    raise
+                value, new, why = torch.tensor(math.nan), params, str(error).splitlines()[0]
+            else:
+                why = ""
             if new.keys() != params.keys():
                 for name in new.keys() - params.keys():
                     optimizer.add_param_group({"params": [new[name]]})
@@ -277,7 +286,8 @@ def fit(
                 if bad >= max_bad_steps:
                     raise FloatingPointError(
                         f"fit stopped at step {step}: the loss or its gradient was not finite "
-                        f"for {bad} steps in a row (last loss {value.item()}); the parameters "
+                        f"for {bad} steps in a row (last loss {value.item()}{why and ': ' + why}); "
+                        "the parameters "
                         "hold their last finite values. Try a smaller lr, a smaller init_scale, "
                         "more num_particles, or check the model for impossible values"
                     )
