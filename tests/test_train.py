@@ -125,15 +125,16 @@ def test_a_non_finite_gradient_is_skipped_too():
 
 
 def test_repeated_failure_stops_with_an_explanation():
-    calls = [0]
+    calls, armed = [0], [False]
 
     def broken():
         calls[0] += 1
         loc = pyro.sample("loc", dist.Normal(0.0, 5.0))
-        if calls[0] >= 2:  # from step 0 on
+        if armed[0] and calls[0] >= 2:  # from step 0 on
             pyro.factor("nan", loc * float("nan"))
 
     guide = ready_guide(broken, calls)
+    armed[0] = True
     with pytest.raises(FloatingPointError, match=r"step 4: .* 5 steps in a row .* smaller lr"):
         fg.fit(broken, guide, num_steps=50, max_bad_steps=5, progress=False, seed=0)
     assert all(torch.isfinite(p).all() for p in guide.parameters())
