@@ -225,13 +225,12 @@ def fit(
     make_optim = optim or torch.optim.Adam
     optimizer = make_optim(list(params.values()), lr=lr)
     gamma = lr_decay ** (1.0 / num_steps)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
     result = FitResult()
     step = 0
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and resume and path.exists():
         state = load_checkpoint(path)
-        _restore(state, params, optimizer, scheduler)
+        _restore(state, params, optimizer)
         result.losses = list(state["losses"])
         result.skipped_steps = list(state["skipped_steps"])
         step = int(state["step"])
@@ -244,7 +243,6 @@ def fit(
                     "step": step,
                     "params": {k: v.detach().cpu() for k, v in params.items()},
                     "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
                     "losses": result.losses,
                     "skipped_steps": result.skipped_steps,
                     "rng": torch.get_rng_state(),
@@ -256,6 +254,8 @@ def fit(
     bad = 0
     try:
         while step < num_steps:
+            for group in optimizer.param_groups:  # the schedule is a function of the step alone
+                group["lr"] = lr * gamma**step
             try:
                 value, new = _params(run)
             except ValueError as error:
@@ -292,7 +292,6 @@ def fit(
                         "more num_particles, or check the model for impossible values"
                     )
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
             step += 1
             if bar is not None:
                 bar.update(1)
@@ -319,7 +318,6 @@ def _restore(
     state: dict[str, Any],
     params: dict[str, Tensor],
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> None:
     saved = state["params"]
     if saved.keys() != params.keys():
@@ -332,7 +330,6 @@ def _restore(
         for name, p in params.items():
             p.copy_(saved[name])
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
 
 
