@@ -38,6 +38,7 @@ guide                     default flow
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -244,17 +245,21 @@ class AutoFlow(AutoContinuous):
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.TransformedDistribution:
         return dist.TransformedDistribution(self.get_base_dist(), [self.transform])
 
-    def rsample_unconstrained(self, num_samples: int | None = None) -> tuple[Tensor, Tensor]:
+    def rsample_unconstrained(
+        self, num_samples: int | None = None, *, register: bool = True
+    ) -> tuple[Tensor, Tensor]:
         """Draw packed unconstrained latents :math:`z` (shape ``(num_samples, D)``, or ``(D,)``
         when ``num_samples`` is None) with :math:`\\log q(z)`, differentiably and in one fused
-        pass; the guide's parameters are registered with Pyro's param store as in a guide call.
+        pass. With ``register=True`` the guide's parameters are registered with Pyro's param
+        store (and seen by an enclosing ``poutine.trace``) as in a guide call; a training loop
+        that holds the parameters already can skip that per-step cost with ``register=False``.
         """
         if self.prototype_trace is None:
             raise RuntimeError(
                 f"{type(self).__name__} is not set up yet: call it once with the model's "
                 "arguments (or use flowguide.fit)"
             )
-        with self._pyro_context:  # registers the transform's parameters like a guide call
+        with self._pyro_context if register else contextlib.nullcontext():
             transform = self.get_transform()
             base = self.get_base_dist()
         eps = base.rsample(() if num_samples is None else (num_samples,))

@@ -39,14 +39,22 @@ def check_hidden(hidden: Sequence[int], name: str = "hidden") -> tuple[int, ...]
     return hidden
 
 
-def check_order(order: Sequence[int] | Tensor | None, dim: int) -> Tensor:
+def check_order(order: Sequence[int] | Tensor | None, dim: int, name: str = "order") -> Tensor:
     """Validate an input order: a permutation of ``0 .. dim - 1`` (default: the identity)."""
     if order is None:
         return torch.arange(dim)
-    perm = torch.as_tensor(order, dtype=torch.long).flatten()
-    if perm.numel() != dim or not torch.equal(perm.sort().values, torch.arange(dim)):
+    # fix: convert without a dtype first, so that non-integers (0.5, True) are rejected rather
+    # than silently truncated to a permutation; ``name`` lets Permute report its own argument
+    given = torch.as_tensor(order).flatten()
+    perm = given.long()
+    if (
+        given.dtype == torch.bool
+        or not torch.equal(perm.to(given.dtype), given)
+        or perm.numel() != dim
+        or not torch.equal(perm.sort().values, torch.arange(dim))
+    ):
         raise ValueError(
-            f"order must be a permutation of 0..{dim - 1} (length {dim}), got {perm.tolist()}"
+            f"{name} must be a permutation of 0..{dim - 1} (length {dim}), got {given.tolist()}"
         )
     return perm
 

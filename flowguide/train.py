@@ -73,14 +73,23 @@ class FitResult:
 
 
 def flow_elbo_loss(
-    model: Callable[..., Any], guide: AutoFlow, *args: Any, num_particles: int = 1, **kwargs: Any
+    model: Callable[..., Any],
+    guide: AutoFlow,
+    *args: Any,
+    num_particles: int = 1,
+    register_params: bool = True,
+    **kwargs: Any,
 ) -> Tensor:
     """The negative ELBO of an :class:`AutoFlow`, differentiable, estimated with
-    ``num_particles`` draws evaluated in one vectorised model call (see the module docstring)."""
+    ``num_particles`` draws evaluated in one vectorised model call (see the module docstring).
+    ``register_params=False`` skips registering the guide's parameters with Pyro's param store
+    (see :meth:`AutoFlow.rsample_unconstrained`)."""
     if guide.prototype_trace is None:
         guide._setup_prototype(*args, **kwargs)
     shape = (num_particles,) if num_particles > 1 else ()
-    z, log_q = guide.rsample_unconstrained(num_particles if shape else None)
+    z, log_q = guide.rsample_unconstrained(
+        num_particles if shape else None, register=register_params
+    )
     nesting = guide.max_plate_nesting
     values: dict[str, Tensor] = {}
     log_jac: Tensor | float = 0.0
@@ -211,9 +220,20 @@ def fit(
     start = time.perf_counter()
 
     if loss is None and isinstance(guide, AutoFlow):
+        registered = [False]
 
         def run() -> Tensor:
-            return flow_elbo_loss(model, guide, *args, num_particles=num_particles, **kwargs)
+            # the guide's parameters are registered (and found) once; the optimiser holds them
+            loss = flow_elbo_loss(
+                model,
+                guide,
+                *args,
+                num_particles=num_particles,
+                register_params=not registered[0],
+                **kwargs,
+            )
+            registered[0] = True
+            return loss
     else:
         elbo = loss if loss is not None else pyro.infer.Trace_ELBO()
 
@@ -266,10 +286,10 @@ def fit(
                 value, new, why = torch.tensor(math.nan), params, str(error).splitlines()[0]
             else:
                 why = ""
-            if new.keys() != params.keys():
+            if not new.keys() <= params.keys():  # parameters created lazily, after set-up
                 for name in new.keys() - params.keys():
                     optimizer.add_param_group({"params": [new[name]]})
-                params = new
+                params = {**params, **new}
             finite = bool(torch.isfinite(value))
             if finite:
                 value.backward()

@@ -20,9 +20,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import MADE
+from ..nn import MADE, MaskedLinear
 from .base import Flow
 from .spline import rational_quadratic_spline, spline_params, validate_spline_args
 
@@ -56,14 +57,37 @@ class _Autoregressive(Flow):
         return y, logd.sum(-1)
 
     def _inverse_ladj(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        # after pass k the first k coordinates in the order are exact; the last pass's
-        # parameters are all exact, so its log-derivatives are the forward log-det at x
-        x = torch.zeros_like(y)
+        # One pass per coordinate, in the MADE's order: pass k computes the parameters of the
+        # k-th coordinate i from x_{<k} (exact by then) and inverts that coordinate alone, so its
+        # log-derivative is already the forward log-det's term at x.
+        # Speed: each pass evaluates the MADE's hidden layers (their masked weights formed once
+        # per call) and only coordinate i's rows of the output layer, and runs the elementwise
+        # inverse on one coordinate. Same values as D full MADE passes each inverting every
+        # coordinate (the previous code), at a fraction of the cost: with K spline bins the
+        # output layer is (3K - 1) D rows wide and dominated each of those D passes.
+        made, p = self.made, self.made.params_per_dim
+        hidden = [
+            (m.weight * m.mask, m.bias) if isinstance(m, MaskedLinear) else m
+            for m in made.net[:-1]
+        ]
+        out = made.output_layer
+        out_weight = out.weight * out.mask
+        batch = y.shape[:-1]
         if context is not None:
-            x = x.expand(*torch.broadcast_shapes(y.shape[:-1], context.shape[:-1]), self.dim)
-        for _ in range(self.dim):
-            x, logd = self._elementwise(y, self.made(x, context), inverse=True)
-        return x, logd.sum(-1)
+            batch = torch.broadcast_shapes(batch, context.shape[:-1])
+            context = context.expand(*batch, -1)
+        x = y.new_zeros(*batch, self.dim)
+        ladj: Tensor | None = None
+        for i, index in zip(made.order.tolist(), made.order.unsqueeze(-1).to(y.device)):
+            h = x if context is None else torch.cat([x, context], dim=-1)
+            for layer in hidden:
+                h = F.linear(h, *layer) if isinstance(layer, tuple) else layer(h)
+            theta = F.linear(h, out_weight[i * p : (i + 1) * p], out.bias[i * p : (i + 1) * p])
+            xi, logd = self._elementwise(y[..., i : i + 1], theta.unsqueeze(-2), inverse=True)
+            x = x.index_copy(-1, index, xi)
+            ladj = logd[..., 0] if ladj is None else ladj + logd[..., 0]
+        assert ladj is not None
+        return x, ladj
 
     @property
     def order(self) -> Tensor:

@@ -58,7 +58,10 @@ class _TransformMethods:
     def _stamp(self, flow: Flow, context: Tensor | None) -> tuple | None:
         if torch.is_inference_mode_enabled():
             return None
-        params = tuple((id(p), p._version) for p in flow.parameters())
+        # fix: the grad mode is part of the stamp, so a value computed under ``no_grad`` (say by
+        # ``svi.evaluate_loss``) is never handed back, graph-less, once gradients are on again:
+        # that silently stopped all training on the same data (no gradient, so no step, so a hit)
+        params = (torch.is_grad_enabled(), *((id(p), p._version) for p in flow.parameters()))
         if context is None:
             return params
         return (*params, id(context), context._version)
@@ -125,7 +128,8 @@ class _TransformMethods:
 
 
 def _vector(value: Tensor | float | None, default: float, dim: int, name: str) -> Tensor:
-    dtype = torch.get_default_dtype()
+    floating = isinstance(value, Tensor) and value.is_floating_point()
+    dtype = value.dtype if floating else torch.get_default_dtype()  # type: ignore[union-attr]
     t = torch.as_tensor(default if value is None else value, dtype=dtype).detach().cpu()
     if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != dim):
         raise ValueError(f"{name} must be a scalar or of shape ({dim},), got {tuple(t.shape)}")
@@ -341,7 +345,9 @@ class Permute(Flow):
         from ..nn import check_order
 
         perm = check_order(
-            torch.arange(dim - 1, -1, -1) if permutation is None else permutation, dim
+            torch.arange(dim - 1, -1, -1) if permutation is None else permutation,
+            dim,
+            name="permutation",  # fix: errors named ``order``, an argument Permute does not have
         ).clone()
         self.register_buffer("permutation", perm)
         self.register_buffer("inverse_permutation", torch.argsort(perm))

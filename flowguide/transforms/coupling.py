@@ -71,7 +71,8 @@ class SplineCoupling(Flow):
             raise ValueError(f"dim must be an integer >= 2 for a coupling flow, got {dim!r}")
         super().__init__(dim, context_dim, cache_size)
         split = dim // 2 if split is None else split
-        if not isinstance(split, int) or not 1 <= split < dim:
+        # fix: reject bools like every other integer argument (split=True passed as 1)
+        if not isinstance(split, int) or isinstance(split, bool) or not 1 <= split < dim:
             raise ValueError(f"split must be an integer in [1, {dim - 1}], got {split!r}")
         hidden = (max(10 * dim, 16),) * 2 if hidden is None else hidden
         self.split, self.bins, self.bound = split, bins, float(bound)

@@ -96,42 +96,61 @@ class Planar(Flow):
         """The unconstrained :math:`u` (unconditional flows only)."""
         return self.params.raw[: self.dim]
 
-    def _split(self, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Return w, u_hat, b and w.u_hat, each with the context's batch shape."""
+    def _split(self, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Return w, u_hat, b, w.u_hat and 1 + w.u_hat, each with the context's batch shape."""
         raw = self.params(context)
         u, w, b = raw.split((self.dim, self.dim, 1), dim=-1)
         wu = (w * u).sum(-1, keepdim=True)
-        wu_hat = shifted_softplus(wu)
+        # fix: keep 1 + w.u_hat = softplus(w.u + log(e - 1)) itself, floored at the smallest
+        # normal number. ``shifted_softplus`` rounds to exactly -1 once w.u < -37 (float64), and
+        # then log(1 + w.u_hat) was -inf and the inverse NaN (e.g. for u = -100 w).
+        one_plus = F.softplus(wu + _SHIFT).clamp_min(torch.finfo(wu.dtype).tiny)
+        wu_hat = one_plus - 1.0
         norm2 = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
         u_hat = u + (wu_hat - wu) * w / norm2
-        return w, u_hat, b.squeeze(-1), wu_hat.squeeze(-1)
+        return w, u_hat, b.squeeze(-1), wu_hat.squeeze(-1), one_plus.squeeze(-1)
 
     def _forward_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        w, u_hat, b, wu = self._split(context)
+        w, u_hat, b, _, one_plus = self._split(context)
         h = torch.tanh((x * w).sum(-1) + b)
         y = x + u_hat * h.unsqueeze(-1)
-        return y, torch.log1p((1 - h * h) * wu)
+        return y, _log_slope(h, one_plus)
 
     def _inverse_ladj(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        w, u_hat, b, wu = self._split(context)
+        w, u_hat, b, wu, one_plus = self._split(context)
         target = (y * w).sum(-1)
         b, wu = b.expand_as(target), wu.expand_as(target)
+        one_plus = one_plus.expand_as(target)
         with torch.no_grad():
-            alpha = _solve_monotone(target, b, wu, self.max_iter)
+            alpha = _solve_monotone(target, b, wu, self.max_iter, one_plus)
         # one Newton step with autograd on: exact value at the root, exact first-order gradients
         h = torch.tanh(alpha + b)
-        alpha = alpha - (alpha + wu * h - target) / (1 + wu * (1 - h * h))
+        alpha = alpha - (alpha + wu * h - target) / _slope(h, one_plus)
         h = torch.tanh(alpha + b)
         x = y - u_hat * h.unsqueeze(-1)
-        return x, torch.log1p((1 - h * h) * wu)
+        return x, _log_slope(h, one_plus)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", max_iter={self.max_iter}"
 
 
-def _solve_monotone(target: Tensor, b: Tensor, c: Tensor, max_iter: int) -> Tensor:
+def _slope(h: Tensor, one_plus: Tensor) -> Tensor:
+    r""":math:`1 + (1 - h^2) c` written as :math:`(1 + c) - h^2 c`: positive, with no cancellation
+    when :math:`c` is close to -1, and exactly 1 when :math:`c = 0` (fix, see ``Planar._split``)."""
+    return one_plus + h * h * (1 - one_plus)
+
+
+def _log_slope(h: Tensor, one_plus: Tensor) -> Tensor:
+    return torch.log(_slope(h, one_plus))
+
+
+def _solve_monotone(
+    target: Tensor, b: Tensor, c: Tensor, max_iter: int, one_plus: Tensor | None = None
+) -> Tensor:
     r"""Solve :math:`\alpha + c \tanh(\alpha + b) = t` (with :math:`c > -1`) elementwise by
-    Newton's method, falling back to bisection whenever a step leaves the bracket."""
+    Newton's method, falling back to bisection whenever a step leaves the bracket.
+    ``one_plus`` is :math:`1 + c` computed without rounding (default ``1 + c``)."""
+    one_plus = 1 + c if one_plus is None else one_plus
     lo, hi = target - c.abs(), target + c.abs()
     alpha = target.clone()
     tol = 4 * torch.finfo(target.dtype).eps
@@ -140,7 +159,7 @@ def _solve_monotone(target: Tensor, b: Tensor, c: Tensor, max_iter: int) -> Tens
         g = alpha + c * h - target
         lo = torch.where(g < 0, alpha, lo)
         hi = torch.where(g > 0, alpha, hi)
-        step = alpha - g / (1 + c * (1 - h * h))
+        step = alpha - g / _slope(h, one_plus)
         outside = (step <= lo) | (step >= hi)
         alpha = torch.where(outside & (g != 0), 0.5 * (lo + hi), step)
         if i % 4 == 3 and bool((g.abs() <= tol * (1 + target.abs())).all()):

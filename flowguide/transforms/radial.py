@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Flow, _Parameters
-from .planar import shifted_softplus
+from .planar import _SHIFT
 
 __all__ = ["Radial"]
 
@@ -68,32 +68,45 @@ class Radial(Flow):
         init = torch.cat([torch.randn(dim), torch.zeros(2)])
         self.params = _Parameters(init, context_dim, hidden, activation)
 
-    def _split(self, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _split(self, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return x0, alpha, beta and alpha + beta, with the context's batch shape."""
         raw = self.params(context)
         x0, a, c = raw.split((self.dim, 1, 1), dim=-1)
         alpha = F.softplus(a)
-        beta = alpha * shifted_softplus(c)
-        return x0, alpha.squeeze(-1), beta.squeeze(-1)
+        # fix: alpha + beta = alpha softplus(c + log(e - 1)) kept as such (floored at the smallest
+        # normal number) instead of alpha + alpha m(c): m(c) = softplus(c + log(e - 1)) - 1 loses
+        # all digits of 1 + m(c) as c -> -inf (rounds to -1 for c < -37 in float64), which made
+        # the log-det -inf and the inverse at y = x0 NaN (and inaccurate for c ~ -30).
+        alpha_beta = alpha * F.softplus(c + _SHIFT).clamp_min(torch.finfo(c.dtype).tiny)
+        beta = alpha_beta - alpha
+        return x0, alpha.squeeze(-1), beta.squeeze(-1), alpha_beta.squeeze(-1)
 
-    def _ladj(self, r: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
-        h = 1 / (alpha + r)
-        return (self.dim - 1) * torch.log1p(beta * h) + torch.log1p(alpha * beta * h * h)
+    def _ladj(self, r: Tensor, alpha: Tensor, alpha_beta: Tensor) -> Tensor:
+        # fix, see _split: with h = 1 / (alpha + r), 1 + beta h = (alpha + beta + r) h and
+        # 1 + alpha beta h^2 = (1 + beta h) (1 + t) with t = -beta r h / (alpha + beta + r) > -1:
+        # no cancellation as beta -> -alpha, and exactly 0 at beta = 0
+        beta = alpha_beta - alpha
+        log1p_beta_h = torch.log(alpha_beta + r) - torch.log(alpha + r)
+        t = -beta * r / ((alpha + r) * (alpha_beta + r))
+        return self.dim * log1p_beta_h + torch.log1p(t)
 
     def _forward_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        x0, alpha, beta = self._split(context)
+        x0, alpha, beta, alpha_beta = self._split(context)
         diff = x - x0
         r = torch.linalg.vector_norm(diff, dim=-1)
         y = x + (beta / (alpha + r)).unsqueeze(-1) * diff
-        return y, self._ladj(r, alpha, beta)
+        return y, self._ladj(r, alpha, alpha_beta)
 
     def _inverse_ladj(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        x0, alpha, beta = self._split(context)
+        x0, alpha, beta, alpha_beta = self._split(context)
         diff = y - x0
         rho = torch.linalg.vector_norm(diff, dim=-1)
         # r^2 + p r - alpha rho = 0 with p = alpha + beta - rho; the positive root without
         # cancellation: 2 alpha rho / (p + sqrt(.)) when p >= 0, (sqrt(.) - p) / 2 otherwise
-        p = alpha + beta - rho
+        p = alpha_beta - rho
         root = torch.sqrt(p * p + 4 * alpha * rho)
         r = torch.where(p >= 0, 2 * alpha * rho / (p + root), 0.5 * (root - p))
-        x = x0 + diff / (1 + beta / (alpha + r)).unsqueeze(-1)
-        return x, self._ladj(r, alpha, beta)
+        # x - x0 = (y - x0) / (1 + beta h), i.e. x = y - beta (y - x0) / (alpha + beta + r): no
+        # 0 / 0 at beta = -alpha (fix, see _split), and exactly y at beta = 0
+        x = y - (beta / (alpha_beta + r)).unsqueeze(-1) * diff
+        return x, self._ladj(r, alpha, alpha_beta)
