@@ -39,7 +39,7 @@ guide                     default flow
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pyro.distributions as dist
@@ -274,14 +274,23 @@ class AutoFlow(AutoContinuous):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         latent = self.get_posterior().sample((num_samples,))
-        # sites in plates need the sample dim left of the plate dims
-        latent = latent.reshape(num_samples, *(1,) * self.max_plate_nesting, self.latent_dim)
         return {
-            site["name"]: biject_to(site["fn"].support)(value).reshape(
-                num_samples, *site["value"].shape
-            )
-            for site, value in self._unpack_latent(latent)
+            site["name"]: biject_to(site["fn"].support)(value)
+            for site, value in self.unpack_batch(latent)
         }
+
+    def unpack_batch(self, latent: Tensor) -> Iterator[tuple[dict[str, Any], Tensor]]:
+        """Split packed latents of shape ``(N, D)`` (or ``(D,)``) into ``(site, value)`` pairs,
+        each value unconstrained and of shape ``(N, *unconstrained_site_shape)`` (or without
+        ``N``), whatever plates the site sits in."""
+        if latent.dim() == 1:
+            yield from self._unpack_latent(latent)
+            return
+        n = latent.shape[0]
+        # Pyro's unpacking wants the batch dim left of the plate dims
+        latent = latent.reshape(n, *(1,) * self.max_plate_nesting, self.latent_dim)
+        for site, value in self._unpack_latent(latent):
+            yield site, value.reshape(n, *self._unconstrained_shapes[site["name"]])
 
     @torch.no_grad()
     def quantiles(

@@ -93,7 +93,7 @@ def flow_elbo_loss(
     nesting = guide.max_plate_nesting
     values: dict[str, Tensor] = {}
     log_jac: Tensor | float = 0.0
-    for site, unconstrained in guide._unpack_latent(z):
+    for site, unconstrained in guide.unpack_batch(z):
         t = biject_to(site["fn"].support)
         value = t(unconstrained)
         jac = t.log_abs_det_jacobian(unconstrained, value)
@@ -242,6 +242,7 @@ def fit(
 
     # one evaluation sets up every parameter (guide and model) before the optimiser is made
     _, params = _params(run)
+    params = _unique(params)
     make_optim = optim or torch.optim.Adam
     optimizer = make_optim(list(params.values()), lr=lr)
     gamma = lr_decay ** (1.0 / num_steps)
@@ -289,7 +290,7 @@ def fit(
             if not new.keys() <= params.keys():  # parameters created lazily, after set-up
                 for name in new.keys() - params.keys():
                     optimizer.add_param_group({"params": [new[name]]})
-                params = {**params, **new}
+                params = _unique({**params, **new})
             finite = bool(torch.isfinite(value))
             if finite:
                 value.backward()
@@ -332,6 +333,18 @@ def fit(
     result.num_steps = step
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _unique(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop parameters that are the same tensor as an earlier one (Pyro's ``AutoIAFNormal``
+    registers its first weight twice); torch's optimisers refuse duplicates."""
+    seen: set[int] = set()
+    unique = {}
+    for name, p in params.items():
+        if id(p) not in seen:
+            seen.add(id(p))
+            unique[name] = p
+    return unique
 
 
 def _restore(

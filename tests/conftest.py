@@ -11,6 +11,12 @@ import torch
 from flowguide import transforms as T
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The tests use tiny tensors, where a second intra-op thread only adds synchronisation (and
+    # on a busy 2-core machine, spinning); one thread is faster and gives repeatable timings.
+    torch.set_num_threads(1)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--device", default="cpu", help="torch device for the transform tests")
 
