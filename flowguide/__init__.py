@@ -1,6 +1,6 @@
 """flowguide: normalizing-flow posteriors for Pyro."""
 
-from . import nn, transforms
+from . import diagnostics, nn, transforms
 from .guides import AutoFlow, AutoIAF, AutoNeuralSpline, AutoPlanar, AutoRadial
 from .train import FitResult, fit
 from .transforms import (
@@ -32,6 +32,7 @@ __all__ = [
     "SplineAutoregressive",
     "SplineCoupling",
     "__version__",
+    "diagnostics",
     "fit",
     "nn",
     "transforms",

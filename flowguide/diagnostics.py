@@ -68,6 +68,7 @@ References:
 from __future__ import annotations
 
 import math
+import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -230,6 +231,25 @@ def _plate_nesting(trace: poutine.Trace) -> int:
     )
 
 
+def _warn_if_subsampled(trace: poutine.Trace) -> None:
+    plates = sorted(
+        {
+            frame.name
+            for site in trace.nodes.values()
+            if site["type"] == "sample"
+            for frame in site["cond_indep_stack"]
+            if frame.full_size is not None and frame.size != frame.full_size
+        }
+    )
+    if plates:
+        warnings.warn(
+            f"the model subsamples the plate(s) {plates}: log p(x, z) is then a noisy estimate "
+            "and so are the weights and k-hat; pass the full data for a diagnosis",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 def _log_p_vectorised(
     model: Callable[..., Any],
     values: dict[str, Tensor],
@@ -343,6 +363,7 @@ def log_importance_weights(
                 trace = _trace_model(model, values, args, kwargs)
                 reference = float(trace.log_prob_sum() + log_jac - log_q[0])
                 nesting = max(_plate_nesting(trace), getattr(guide, "max_plate_nesting", 0) or 0)
+                _warn_if_subsampled(trace)
             if vectorise:
                 try:
                     values, batch, log_jac = _constrain(guide, z, nesting)
@@ -365,13 +386,14 @@ def log_importance_weights(
                     vectorise = False
             if not vectorise:
                 one: list[dict[str, Tensor]] = []
-                log_w = torch.empty_like(log_q)
+                one_w: list[Tensor] = []
                 for i in range(num):
                     values, draw, log_jac = _constrain(guide, z[i], None)
                     log_p = _trace_model(model, values, args, kwargs).log_prob_sum()
-                    log_w[i] = log_p + log_jac - log_q[i]
+                    one_w.append(log_p + log_jac - log_q[i])
                     one.append(draw)
                 batch = {name: torch.stack([d[name] for d in one]) for name in one[0]}
+                log_w = torch.stack(one_w)
             draws.append(batch)
             log_ws.append(log_w)
     names = draws[0].keys()
@@ -492,6 +514,14 @@ class FitCheck:
         num_nan, num_posinf, num_neginf: how many log weights are NaN, ``+inf``, ``-inf``
             (``-inf``: a draw outside the model's support); they enter the estimates as they
             are, never masked.
+
+    Example:
+        >>> check = FitCheck(khat=0.2, reading="good", num_samples=1000, ess=950.0,
+        ...                  log_marginal_likelihood=-3.2, elbo=-math.inf, num_neginf=12)
+        >>> check.num_nonfinite, round(check.khat_threshold, 2)
+        (12, 0.67)
+        >>> print(str(check).splitlines()[5])
+          non-finite log weights   12 of 1000 (12 -inf)
     """
 
     khat: float
@@ -538,13 +568,17 @@ class FitCheck:
             f"  log marginal likelihood  {self.log_marginal_likelihood:.6g}",
             f"  ELBO                     {self.elbo:.6g}",
             f"  non-finite log weights   {nonfinite}",
-            f"  => {_READINGS[self.reading]}",
         ]
+        verdicts = [_READINGS[self.reading]]
         if self.num_nan or self.num_posinf:
-            lines.append(
-                "  => NaN or +inf log weights: the model's or the guide's density failed for "
-                "some draws; the estimates above are not usable"
+            verdicts.append(
+                "NaN or +inf log weights: the model's or the guide's density failed for some "
+                "draws; the estimates above are not usable"
             )
+        lines += [
+            textwrap.fill(v, 96, initial_indent="  => ", subsequent_indent="     ")
+            for v in verdicts
+        ]
         return "\n".join(lines)
 
 
@@ -637,9 +671,9 @@ def importance_resample(
         ...     pyro.sample("x", dist.Normal(1.0, 1.0))
         >>> guide = AutoIAF(model, init_loc_fn=lambda site: torch.tensor(0.0), init_scale=1.5)
         >>> pyro.set_rng_seed(0)
-        >>> x = importance_resample(model, guide, num_samples=4000)["x"]
+        >>> x = importance_resample(model, guide, num_samples=2000)["x"]
         >>> x.shape, abs(x.mean().item() - 1.0) < 0.1  # the guide's mean is 0
-        (torch.Size([4000]), True)
+        (torch.Size([2000]), True)
     """
     num_draws = num_samples if num_draws is None else _check_count(num_draws, "num_draws")
     draws, log_weights = log_importance_weights(
