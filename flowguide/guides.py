@@ -100,8 +100,8 @@ def _probe_init(site: dict) -> Tensor:
 
 def robust_init(init_loc_fn: Callable[[dict], Tensor]) -> Callable[[dict], Tensor]:
     """Wrap a Pyro init strategy so that a site whose distribution cannot be sampled (for example
-    ``ImproperUniform``) falls back to :func:`~pyro.infer.autoguide.initialization.init_to_feasible`
-    instead of raising (at the point unconstrained zeros map to)."""
+    ``ImproperUniform``) starts, instead of raising, at the point that unconstrained zeros map to
+    (what Pyro's ``init_to_feasible`` picks, found without sampling)."""
 
     def init(site: dict) -> Tensor:
         try:
@@ -121,7 +121,8 @@ class AutoFlow(AutoContinuous):
         flow: a :class:`~flowguide.transforms.Flow` of the latent dimension, or a callable
             ``dim -> Flow`` (called once the latent dimension is known).
         init_loc_fn: Pyro's per-site init strategy (default ``init_to_median``; sites that cannot
-            be sampled, such as ``ImproperUniform`` ones, fall back to ``init_to_feasible``).
+            be sampled, such as ``ImproperUniform`` ones, start where ``init_to_feasible`` would
+            put them: see :func:`robust_init`).
         init_scale: the initial standard deviation of every unconstrained coordinate.
 
     Example:

@@ -257,3 +257,20 @@ def test_particles_with_plated_latents():
         schools, guide
     )
     assert abs(ours - theirs) < 0.02 * abs(theirs) + 0.5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", sorted(GUIDES))
+def test_a_model_on_cuda_gets_a_guide_on_cuda(kind):
+    x = torch.linspace(-1, 1, 30, dtype=torch.float64, device="cuda")
+    y = 1000.0 * x + 0.02 * torch.randn(30, dtype=torch.float64, device="cuda")
+
+    def model(x, y):
+        slope = pyro.sample("slope", dist.Normal(torch.tensor(1000.0, device="cuda"), 100.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(slope * x, 0.02), obs=y)
+
+    guide = GUIDES[kind](model)
+    fg.fit(model, guide, x, y, num_steps=20, num_particles=4, progress=False, seed=0)
+    assert all(p.device.type == "cuda" for p in guide.parameters())
+    assert guide.median(x, y)["slope"].device.type == "cuda"
