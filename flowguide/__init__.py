@@ -2,6 +2,7 @@
 
 from . import diagnostics, nn, transforms
 from .guides import AutoFlow, AutoIAF, AutoNeuralSpline, AutoPlanar, AutoRadial
+from .neutra import ManyChainHMC, NeuTraMCMC, NeuTraPotential
 from .train import FitResult, fit
 from .transforms import (
     AffineAutoregressive,
@@ -26,6 +27,9 @@ __all__ = [
     "Compose",
     "ElementwiseAffine",
     "FitResult",
+    "ManyChainHMC",
+    "NeuTraMCMC",
+    "NeuTraPotential",
     "Permute",
     "Planar",
     "Radial",

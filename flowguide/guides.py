@@ -88,8 +88,9 @@ def _feasible(site: dict) -> Tensor:
     ``init_to_feasible`` samples once for the shape, which ``ImproperUniform`` cannot do)."""
     fn = site["fn"]
     t = biject_to(fn.support)
-    dtype = next((v.dtype for v in vars(fn).values() if isinstance(v, Tensor)), None)
-    return t(torch.zeros(t.inverse_shape(fn.shape()), dtype=dtype))
+    like = next((v for v in vars(fn).values() if isinstance(v, Tensor)), None)
+    options = {} if like is None else {"dtype": like.dtype, "device": like.device}
+    return t(torch.zeros(t.inverse_shape(fn.shape()), **options))
 
 
 def _probe_init(site: dict) -> Tensor:

@@ -196,12 +196,13 @@ class NeuTraPotential:
         self.guide = guide
         self.model_args = tuple(model_args)
         self.model_kwargs = dict(model_kwargs or {})
-        if guide.prototype_trace is None:
+        set_up = guide.prototype_trace is not None
+        probe = self._probe(guide.affine.loc.device if set_up else None)  # errors name sites
+        if not set_up:
             guide._setup_prototype(*self.model_args, **self.model_kwargs)
         loc = guide.affine.loc
         self.device, self.dtype = loc.device, loc.dtype
         self.dim: int = guide.latent_dim
-        probe = self._probe()
         self.max_plate_nesting = _plate_nesting(probe)
         self.sites = self._layout(_latent_sites(probe))
         self.transform = guide.get_transform().with_cache(0)
@@ -220,12 +221,14 @@ class NeuTraPotential:
             )
 
     # -- set-up checks -------------------------------------------------------------------------
-    def _probe(self) -> poutine.Trace:
-        device = self.device
+    def _probe(self, device: torch.device | None) -> poutine.Trace:
+        """Trace the model at feasible values (on ``device``), without sampling continuous
+        sites; check that its latent sites are continuous."""
 
         def init(site: dict) -> Tensor:
             value = _probe_init(site)
-            return value if site["fn"].support.is_discrete else value.to(device)
+            discrete = site["fn"].support.is_discrete
+            return value if discrete or device is None else value.to(device)
 
         probe_model = InitMessenger(init)(self.model)
         trace = poutine.block(poutine.trace(probe_model).get_trace)(
@@ -393,7 +396,9 @@ class NeuTraPotential:
         with warnings.catch_warnings(), pyro.validation_enabled(False):
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=".*torch.jit.trace.* is deprecated")
-            traced = torch.jit.trace(self._potential, (example.detach().clone(),), check_trace=False)
+            traced = torch.jit.trace(
+                self._potential, (example.detach().clone(),), check_trace=False
+            )
         self._compiled[_key(example)] = traced
 
     def potential_and_grad(self, eps: Tensor) -> tuple[Tensor, Tensor]:
@@ -440,6 +445,15 @@ def _quiet_arviz() -> Iterator[None]:
         yield
     finally:
         log.setLevel(level)
+
+
+def _arviz() -> Any:
+    """Import ArviZ lazily (slow to import), without its ``FutureWarning`` about its coming
+    refactor (an error under a warnings-as-errors test suite)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning)
+        import arviz
+    return arviz
 
 
 def _numpy(t: Tensor) -> np.ndarray:
@@ -569,7 +583,7 @@ class _Results:
           sampling is only less efficient). Mind the Monte Carlo error of these moments with
           few effective draws.
         """
-        import arviz as az
+        az = _arviz()
 
         self._require_run()
         with _quiet_arviz():
@@ -644,7 +658,7 @@ class _Results:
         ``lp`` is the base-space log density :math:`-U(\\varepsilon)` of each draw, flow
         Jacobian included, not the model's log joint.
         """
-        import arviz as az
+        az = _arviz()
 
         self._require_run()
         posterior = {k: _numpy(v) for k, v in self.get_samples(group_by_chain=True).items()}
@@ -672,12 +686,19 @@ class _Results:
     def _guide_khat(self, num_samples: int) -> float | None:
         try:
             from .diagnostics import log_importance_weights, psis_khat
-        except ImportError:
+        except ImportError:  # pragma: no cover - the diagnostics module is optional here
             return None
         potential = self._potential
         assert potential is not None
-        with torch.no_grad():
-            log_w = log_importance_weights(
+        device = potential.device
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            warnings.catch_warnings(),
+            torch.no_grad(),
+        ):
+            torch.manual_seed(0)  # reproducible, and the global random state is left alone
+            warnings.simplefilter("ignore")  # a model that does not vectorise is only slower
+            _, log_w = log_importance_weights(
                 potential.model,
                 potential.guide,
                 *potential.model_args,
@@ -690,7 +711,7 @@ class _Results:
         """Print and return a per-site table: mean, sd, the ``(1 - prob) / 2``, median and
         ``(1 + prob) / 2`` quantiles, MCSE, bulk and tail ESS and R-hat (from ArviZ), followed by
         the number of divergences."""
-        import arviz as az
+        az = _arviz()
         import pandas as pd
 
         if not 0 < prob < 1:
@@ -736,21 +757,36 @@ class _NUTS(_RecordStart, NUTS):
 
 
 class _HMC(_RecordStart, HMC):
-    pass
+    r"""Pyro's HMC, optionally with the number of leapfrog steps jittered: :math:`\lceil u T / h
+    \rceil` with :math:`u \sim \mathcal{U}(0, 1]` drawn afresh each transition (a state-
+    independent choice, so detailed balance holds), against periodic trajectories."""
+
+    def __init__(self, *args: Any, jitter: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.jitter = bool(jitter)
+
+    @property
+    def num_steps(self) -> int:  # type: ignore[override]
+        steps = self.trajectory_length / self.step_size
+        if not self.jitter:
+            return max(1, int(steps))
+        return max(1, math.ceil(steps * (1.0 - float(torch.rand(())))))
 
 
-def _initial_eps(potential: NeuTraPotential, num: int, tries: int = 100) -> Tensor:
-    """``num`` draws from N(0, I) at which the potential is finite (redrawing the others)."""
+def _initial_eps(potential: NeuTraPotential, num: int, batched: bool, tries: int = 100) -> Tensor:
+    """``num`` draws from N(0, I) at which the potential is finite (redrawing the others),
+    evaluated in one vectorised model run when ``batched``, else one draw at a time."""
     eps = torch.randn(num, potential.dim, device=potential.device, dtype=potential.dtype)
     with torch.no_grad():
         for _ in range(tries):
-            bad = ~torch.isfinite(potential(eps))
+            u = potential(eps) if batched else torch.stack([potential(e) for e in eps])
+            bad = ~torch.isfinite(u)
             if not bad.any():
                 return eps
             eps[bad] = torch.randn_like(eps[bad])
     raise ValueError(
-        f"the model's log density is not finite at any of {tries} initial draws of the guide "
-        "for some chains: check the model and the guide's fit"
+        f"the model's log density is not finite at any of {tries} draws from N(0, I) for some "
+        "chains: check the model and the guide's fit"
     )
 
 
@@ -786,9 +822,12 @@ class NeuTraMCMC(_Results):
         progress: show a progress bar.
         **kernel_options: passed to Pyro's kernel (``step_size``, ``adapt_step_size``,
             ``adapt_mass_matrix``, ``full_mass``, ``target_accept_prob``, ``max_tree_depth``,
-            ``trajectory_length``, ``num_steps``, ...). For ``"hmc"`` the trajectory length
-            defaults to :math:`\pi / 2`, a quarter period of the ideal :math:`\mathcal{N}(0, I)`
-            target (Pyro's :math:`2 \pi` would be a full period).
+            ``trajectory_length``, ``num_steps``, ...). For ``"hmc"``, ``jitter=True`` (the
+            default unless ``num_steps`` is given) draws the number of leapfrog steps as
+            :math:`\lceil u T / h \rceil`, :math:`u \sim \mathcal{U}(0, 1]`, each transition,
+            and the trajectory length :math:`T` defaults to :math:`\pi` (:math:`\pi / 2`
+            without jitter): the ideal target :math:`\mathcal{N}(0, I)` gives independent draws
+            at :math:`T = \pi / 2` (Pyro's default :math:`2 \pi` would be a full period).
 
     Per-draw statistics: ``acceptance_rate`` (Pyro's per-transition acceptance statistic),
     ``energy`` (the Hamiltonian at the start of the transition), ``step_size``, ``n_steps``
@@ -801,6 +840,7 @@ class NeuTraMCMC(_Results):
         >>> from flowguide import AutoIAF, fit
         >>> def model():
         ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        >>> pyro.clear_param_store()  # fit finds the guide's parameters there by name
         >>> guide = AutoIAF(model, num_flows=1, hidden=(8,))
         >>> _ = fit(model, guide, num_steps=100, progress=False, seed=0)
         >>> mcmc = NeuTraMCMC(model, guide, num_samples=50, warmup_steps=50, progress=False)
@@ -844,8 +884,14 @@ class NeuTraMCMC(_Results):
         self.save_warmup = bool(save_warmup)
         self.progress = bool(progress)
         self.kernel_options = dict(kernel_options)
-        if kernel == "hmc" and not {"trajectory_length", "num_steps"} & kernel_options.keys():
-            self.kernel_options["trajectory_length"] = math.pi / 2
+        if kernel == "hmc":
+            self.kernel_options.setdefault("jitter", "num_steps" not in kernel_options)
+            if not {"trajectory_length", "num_steps"} & kernel_options.keys():
+                self.kernel_options["trajectory_length"] = (
+                    math.pi if self.kernel_options["jitter"] else math.pi / 2
+                )
+        elif "jitter" in kernel_options:
+            raise TypeError("jitter is an option of kernel='hmc' only (NUTS needs none)")
         self._sampler_name = f"NeuTra {kernel.upper()} (Pyro)"
         try:  # fail now on options the kernel does not take
             self._make_kernel(lambda params: torch.zeros(()))
@@ -861,7 +907,7 @@ class NeuTraMCMC(_Results):
         start = time.perf_counter()
         potential = NeuTraPotential(self.model, self.guide, args, kwargs)
         with pyro.validation_enabled(False), poutine.block(), potential.frozen():
-            eps0 = _initial_eps(potential, self.num_chains)
+            eps0 = _initial_eps(potential, self.num_chains, batched=False)
             if self.jit_compile:
                 potential.compile(eps0[0])
             warm_steps, num = self.warmup_steps, self.num_samples
@@ -1059,6 +1105,7 @@ class ManyChainHMC(_Results):
         >>> from flowguide import AutoIAF, fit
         >>> def model():
         ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        >>> pyro.clear_param_store()  # fit finds the guide's parameters there by name
         >>> guide = AutoIAF(model, num_flows=1, hidden=(8,))
         >>> _ = fit(model, guide, num_steps=100, progress=False, seed=0)
         >>> sampler = ManyChainHMC(model, guide, num_chains=8, num_samples=20, warmup_steps=50,
@@ -1116,6 +1163,7 @@ class ManyChainHMC(_Results):
         self.jit_compile = bool(jit_compile)
         self.save_warmup = bool(save_warmup)
         self.progress = bool(progress)
+        self.adaptation: list[tuple[float, float]] = []
 
     # -- pieces --------------------------------------------------------------------------------
     def _check_vectorised(self, potential: NeuTraPotential, k: int = 3) -> None:
@@ -1239,7 +1287,7 @@ class ManyChainHMC(_Results):
             if self.jit_compile:
                 example = torch.zeros(chains, dim, device=potential.device, dtype=potential.dtype)
                 potential.compile(example)
-            eps = _initial_eps(potential, chains)
+            eps = _initial_eps(potential, chains, batched=True)
             u, grad = self._grad(potential, eps)
             step = self.step_size if self.step_size is not None else 1.0
             if self.adapt_step_size and self.warmup_steps and self.step_size is None:
@@ -1249,6 +1297,7 @@ class ManyChainHMC(_Results):
             adam = _Adam(self.learning_rate)
             log_traj = log_traj_avg = math.log(traj)
             warm_steps, total = self.warmup_steps, self.warmup_steps + self.num_samples
+            self.adaptation = []
             draws: list[Tensor] = []
             records: list[dict[str, Tensor]] = []
             bar = _progress(total, self.progress, "NeuTra ManyChainHMC")
@@ -1271,12 +1320,13 @@ class ManyChainHMC(_Results):
                             g = _chees_gradient(eps, out, jitter * traj)
                             if math.isfinite(g):
                                 log_traj += _clip(adam.step(g), -0.35, 0.35)
-                                log_traj = math.log(
-                                    _clip(math.exp(log_traj), step, self.max_num_steps * step)
-                                )
+                                # no lower clip at the step size: early dual-averaging steps
+                                # are transiently large and would drag T up with them
+                                log_traj = min(log_traj, math.log(self.max_num_steps * step))
                             w = (it + 1) ** -0.5
                             log_traj_avg = (1 - w) * log_traj_avg + w * log_traj
                             traj = math.exp(log_traj)
+                        self.adaptation.append((step, traj))
                     eps, u, grad = out["eps"], out["u"], out["grad"]
                     draws.append(eps)
                     records.append(
@@ -1315,11 +1365,9 @@ def _clip(x: float, low: float, high: float) -> float:
 
 
 def _harmonic_mean(alpha: Tensor, diverging: Tensor) -> float:
-    """The harmonic mean of the non-divergent chains' acceptance probabilities (0 if none)."""
-    ok = ~diverging
-    if not bool(ok.any()):
-        return 0.0
-    a = alpha[ok].double()
+    """The harmonic mean of the chains' acceptance probabilities, a divergent chain counting as
+    0 (so that the statistic, and with it the step size, drops when any chain struggles)."""
+    a = torch.where(diverging, torch.zeros_like(alpha), alpha).double()
     if bool((a <= 0).any()):
         return 0.0
     return float(1.0 / (1.0 / a).mean())

@@ -243,6 +243,7 @@ def fit(
     # one evaluation sets up every parameter (guide and model) before the optimiser is made
     _, params = _params(run)
     params = _unique(params)
+    _check_own_parameters(guide, params)
     make_optim = optim or torch.optim.Adam
     optimizer = make_optim(list(params.values()), lr=lr)
     gamma = lr_decay ** (1.0 / num_steps)
@@ -288,8 +289,10 @@ def fit(
             else:
                 why = ""
             if not new.keys() <= params.keys():  # parameters created lazily, after set-up
-                for name in new.keys() - params.keys():
-                    optimizer.add_param_group({"params": [new[name]]})
+                held = {id(p) for p in params.values()}
+                for name, p in _unique(new).items():
+                    if id(p) not in held:
+                        optimizer.add_param_group({"params": [p]})
                 params = _unique({**params, **new})
             finite = bool(torch.isfinite(value))
             if finite:
@@ -333,6 +336,20 @@ def fit(
     result.num_steps = step
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _check_own_parameters(guide: AutoGuide, params: dict[str, Tensor]) -> None:
+    """Refuse to train when Pyro's param store answered the guide's parameter names with other
+    tensors (left there by an earlier guide of the same name): the optimiser would train those
+    while the guide kept using its own, and the fit would silently do nothing."""
+    held = {id(p) for p in params.values()}
+    stale = [name for name, p in guide.named_parameters() if id(p) not in held]
+    if stale:
+        raise ValueError(
+            f"Pyro's param store already holds parameters under this guide's names "
+            f"({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}), left by an earlier "
+            "guide: call pyro.clear_param_store() before fitting a new guide"
+        )
 
 
 def _unique(params: dict[str, Tensor]) -> dict[str, Tensor]:

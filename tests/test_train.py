@@ -272,3 +272,20 @@ def test_resume_after_the_process_is_killed(tmp_path):
     torch.testing.assert_close(
         torch.tensor(resumed.losses), torch.tensor(reference), rtol=1e-5, atol=1e-5
     )
+
+
+def test_pyro_flow_guide_with_a_shared_parameter():
+    """Pyro's AutoIAFNormal registers one tensor under two names; fit must not pass it twice."""
+    from pyro.infer.autoguide import AutoIAFNormal
+
+    result = fg.fit(
+        model, AutoIAFNormal(model), num_steps=5, loss=Trace_ELBO(), progress=False, seed=0
+    )
+    assert len(result.losses) == 5
+
+
+def test_stale_parameters_in_the_store_are_refused():
+    """A second guide of the same name would train the first one's tensors: refuse, clearly."""
+    fg.fit(model, small_guide(), num_steps=3, progress=False, seed=0)
+    with pytest.raises(ValueError, match=r"clear_param_store\(\)"):
+        fg.fit(model, small_guide(), num_steps=3, progress=False, seed=0)
