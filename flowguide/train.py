@@ -290,7 +290,7 @@ def fit(
                 why = ""
             if not new.keys() <= params.keys():  # parameters created lazily, after set-up
                 held = {id(p) for p in params.values()}
-                for name, p in _unique(new).items():
+                for p in _unique(new).values():
                     if id(p) not in held:
                         optimizer.add_param_group({"params": [p]})
                 params = _unique({**params, **new})
