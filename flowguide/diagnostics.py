@@ -82,9 +82,8 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoContinuous
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
-from torch.distributions import biject_to
 
-from .guides import AutoFlow
+from .guides import AutoFlow, constrain_latent
 
 if TYPE_CHECKING:
     import arviz
@@ -152,44 +151,11 @@ def _draw(
     return z, posterior.log_prob(z)
 
 
-def _sum_per_draw(x: Tensor, num: int) -> Tensor:
-    """Sum a tensor whose leading dim indexes draws over all its other dims, as shape ``(num,)``."""
-    if x.dim() == 0:
-        return x.expand(num)
-    return x.reshape(x.shape[0], -1).sum(-1).expand(num)
-
-
 def _constrain(
     guide: AutoContinuous, z: Tensor, nesting: int | None
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-    """Map packed unconstrained draws to the sites' supports.
-
-    With ``nesting=None``, ``z`` is one draw ``(D,)``; otherwise a batch ``(n, D)`` whose draw
-    dim is placed at ``-nesting - 1`` in the model values. Returns the values to condition the
-    model on, the draws keyed by site with shape ``(n, *site_shape)`` (``site_shape`` for one
-    draw), and the log-Jacobian of the maps (per draw).
-    """
-    single = nesting is None
-    num = 1 if single else z.shape[0]
-    latent = z if single else z.reshape(num, *(1,) * nesting, z.shape[-1])
-    values: dict[str, Tensor] = {}
-    draws: dict[str, Tensor] = {}
-    log_jac = z.new_zeros(() if single else (num,))
-    for site, unconstrained in guide._unpack_latent(latent):
-        shape = site["value"].shape
-        t = biject_to(site["fn"].support)
-        value = t(unconstrained)
-        jac = t.log_abs_det_jacobian(unconstrained, value)
-        if single:
-            log_jac = log_jac + jac.sum()
-            values[site["name"]] = draws[site["name"]] = value.reshape(shape)
-        else:
-            log_jac = log_jac + _sum_per_draw(jac, num)
-            batch_dims = len(shape) - site["fn"].event_dim
-            pad = (1,) * max(nesting - batch_dims, 0)  # type: ignore[operator]
-            values[site["name"]] = value.reshape(num, *pad, *shape)
-            draws[site["name"]] = value.reshape(num, *shape)
-    return values, draws, log_jac
+    """:func:`~flowguide.guides.constrain_latent` for one draw (``nesting=None``) or a batch."""
+    return constrain_latent(guide, z, 0 if nesting is None else nesting)
 
 
 def _trace_model(

@@ -39,7 +39,7 @@ guide                     default flow
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyro.distributions as dist
@@ -69,6 +69,7 @@ __all__ = [
     "AutoNeuralSpline",
     "AutoPlanar",
     "AutoRadial",
+    "constrain_latent",
     "default_hidden",
     "robust_init",
 ]
@@ -81,6 +82,45 @@ def default_hidden(dim: int) -> tuple[int, int]:
     two layers of ``clip(4 * dim, 32, 512)``."""
     width = min(max(4 * dim, 32), 512)
     return (width, width)
+
+
+def constrain_latent(
+    guide: AutoContinuous, latent: Tensor, nesting: int = 0
+) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+    r"""Map packed unconstrained latents to the model's sites, with the log-Jacobian.
+
+    ``latent`` is one draw ``(D,)`` or a batch ``(N, D)`` from any ``AutoContinuous`` guide. Each
+    site's slice goes through its ``biject_to`` map :math:`T`. Returns
+
+    * the values to condition the model on: for a batch, the draw dim is put at
+      ``-nesting - 1``, to the left of the model's ``nesting`` plate dims (a plate of draws
+      there evaluates every draw in one model call);
+    * the draws keyed by site name, of shape ``(N, *site_shape)`` (``site_shape`` for one draw);
+    * :math:`\log|\det J_T|` summed per draw, of shape ``(N,)`` (or ``()``).
+    """
+    single = latent.dim() == 1
+    n = 1 if single else latent.shape[0]
+    # Pyro's unpacking wants the draw dim left of the plate dims
+    packed = latent if single else latent.reshape(n, *(1,) * nesting, latent.shape[-1])
+    values: dict[str, Tensor] = {}
+    draws: dict[str, Tensor] = {}
+    log_jac = latent.new_zeros(() if single else (n,))
+    for site, unconstrained in guide._unpack_latent(packed):
+        name, shape = site["name"], site["value"].shape
+        if not single:
+            unconstrained = unconstrained.reshape(n, *guide._unconstrained_shapes[name])
+        t = biject_to(site["fn"].support)
+        value = t(unconstrained)
+        jac = torch.as_tensor(t.log_abs_det_jacobian(unconstrained, value))
+        if single:
+            log_jac = log_jac + jac.sum()
+            values[name] = draws[name] = value
+            continue
+        log_jac = log_jac + (jac.reshape(n, -1).sum(-1) if jac.dim() else jac.expand(n))
+        batch_dims = len(shape) - site["fn"].event_dim
+        values[name] = value.reshape(n, *(1,) * max(nesting - batch_dims, 0), *shape)
+        draws[name] = value.reshape(n, *shape)
+    return values, draws, log_jac
 
 
 def _feasible(site: dict) -> Tensor:
@@ -276,23 +316,7 @@ class AutoFlow(AutoContinuous):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         latent = self.get_posterior().sample((num_samples,))
-        return {
-            site["name"]: biject_to(site["fn"].support)(value)
-            for site, value in self.unpack_batch(latent)
-        }
-
-    def unpack_batch(self, latent: Tensor) -> Iterator[tuple[dict[str, Any], Tensor]]:
-        """Split packed latents of shape ``(N, D)`` (or ``(D,)``) into ``(site, value)`` pairs,
-        each value unconstrained and of shape ``(N, *unconstrained_site_shape)`` (or without
-        ``N``), whatever plates the site sits in."""
-        if latent.dim() == 1:
-            yield from self._unpack_latent(latent)
-            return
-        n = latent.shape[0]
-        # Pyro's unpacking wants the batch dim left of the plate dims
-        latent = latent.reshape(n, *(1,) * self.max_plate_nesting, self.latent_dim)
-        for site, value in self._unpack_latent(latent):
-            yield site, value.reshape(n, *self._unconstrained_shapes[site["name"]])
+        return constrain_latent(self, latent, self.max_plate_nesting)[1]
 
     @torch.no_grad()
     def quantiles(

@@ -38,9 +38,8 @@ from pyro import poutine
 from pyro.infer import ELBO
 from pyro.infer.autoguide import AutoGuide
 from torch import Tensor
-from torch.distributions import biject_to
 
-from .guides import AutoFlow
+from .guides import AutoFlow, constrain_latent
 
 __all__ = ["CHECKPOINT_FORMAT", "FitResult", "fit", "flow_elbo_loss", "load_checkpoint"]
 
@@ -91,17 +90,7 @@ def flow_elbo_loss(
         num_particles if shape else None, register=register_params
     )
     nesting = guide.max_plate_nesting
-    values: dict[str, Tensor] = {}
-    log_jac: Tensor | float = 0.0
-    for site, unconstrained in guide.unpack_batch(z):
-        t = biject_to(site["fn"].support)
-        value = t(unconstrained)
-        jac = t.log_abs_det_jacobian(unconstrained, value)
-        log_jac = log_jac + jac.reshape(*shape, -1).sum(-1)
-        if shape:
-            batch_dims = site["value"].dim() - site["fn"].event_dim
-            value = value.reshape(*shape, *(1,) * (nesting - batch_dims), *site["value"].shape)
-        values[site["name"]] = value
+    values, _, log_jac = constrain_latent(guide, z, nesting)
     with ExitStack() as stack:
         if shape:
             stack.enter_context(pyro.plate("_flowguide_particles", num_particles, dim=-nesting - 1))
@@ -198,6 +187,7 @@ def fit(
         >>> from flowguide import AutoIAF
         >>> def model():
         ...     pyro.sample("x", dist.Normal(3.0, 2.0))
+        >>> pyro.clear_param_store()  # a new guide: drop any earlier guide's parameters
         >>> result = fit(model, AutoIAF(model), num_steps=300, progress=False, seed=0)
         >>> result.stopped, len(result.losses)
         ('budget', 300)
