@@ -88,7 +88,9 @@ def _funnel(dim: int = 10) -> Target:
         y = pyro.sample("y", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 3.0))
         pyro.sample(
             "x",
-            dist.Normal(torch.zeros(dim - 1, dtype=torch.float64), torch.exp(y / 2)).to_event(1),
+            dist.Normal(
+                torch.zeros(dim - 1, dtype=torch.float64), torch.exp(y / 2).unsqueeze(-1)
+            ).to_event(1),
         )
 
     # sd(x_i) = sqrt(E exp(y)) = exp(9 / 4)
