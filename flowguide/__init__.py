@@ -1,6 +1,7 @@
 """flowguide: normalizing-flow posteriors for Pyro."""
 
 from . import diagnostics, nn, transforms
+from .amortized import AmortizedFlowPosterior, AutoAmortizedFlow
 from .guides import AutoFlow, AutoIAF, AutoNeuralSpline, AutoPlanar, AutoRadial
 from .neutra import ManyChainHMC, NeuTraMCMC, NeuTraPotential
 from .train import FitResult, fit
@@ -19,6 +20,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AffineAutoregressive",
+    "AmortizedFlowPosterior",
+    "AutoAmortizedFlow",
     "AutoFlow",
     "AutoIAF",
     "AutoNeuralSpline",

@@ -1,0 +1,518 @@
+#!/usr/bin/env python
+r"""Amortized flow posteriors for a VAE: diagonal Gaussian vs planar, radial, IAF and NSF.
+
+One decoder architecture, one encoder architecture and one training budget; only the posterior
+:math:`q(z \mid x)` changes. The model is the Bernoulli VAE of Kingma & Welling (2014),
+
+.. math::
+
+    z_n \sim \mathcal{N}(0, I_D), \qquad
+    x_n \mid z_n \sim \mathrm{Bernoulli}(\sigma(\mathrm{decoder}(z_n))),
+
+written as a Pyro model with a subsampled data plate, and the guide is
+:class:`flowguide.amortized.AutoAmortizedFlow`: no hand-written guide. Training maximises the ELBO
+(``Trace_ELBO``) with a linear KL warm-up (the prior and posterior terms scaled by
+:math:`\beta` rising from 0 to 1), or with ``--objective dreg`` the importance-weighted bound with
+doubly-reparameterized gradients (no warm-up). Evaluation on the test set: the ELBO (one sample
+per image) and the negative log-likelihood estimated by importance sampling with ``--iw-samples``
+samples per image (on a seeded random subset of ``--nll-size`` test images).
+
+Data: the statically binarized MNIST of ``--data`` (default
+``../shared/datasets/binarized_mnist_static.npz`` from the repository's root, see its README),
+or, when that file is absent or with ``--synthetic``, a small synthetic binary data set (8x8
+images drawn from a fixed random decoder).
+
+Outputs, in ``--output``: ``results.md`` (the table), ``results.json``, ``samples.png``,
+``reconstructions.png``, ``training_curves.png`` and ``checkpoints/`` (one file per posterior,
+written atomically after every epoch; a rerun with the same settings resumes, and a larger
+``--epochs`` trains further).
+
+Examples::
+
+    python examples/vae.py --epochs 3 --latent-dim 32 --output vae-results
+    python examples/vae.py --smoke --synthetic --output /tmp/vae-smoke      # CI, < 1 minute
+
+References: Kingma & Welling 2014 (arXiv:1312.6114); Rezende & Mohamed 2015 (arXiv:1505.05770);
+Kingma et al. 2016 (arXiv:1606.04934); van den Berg et al. 2018 (arXiv:1803.05649); Durkan et al.
+2019 (arXiv:1906.04032); Tucker et al. 2018 (arXiv:1810.04152).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from flowguide.amortized import (  # noqa: E402
+    AutoAmortizedFlow,
+    dreg_loss,
+    importance_weighted_log_likelihood,
+)
+
+DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "binarized_mnist_static.npz"
+POSTERIORS = {"diagonal": None, "planar": "planar", "radial": "radial", "iaf": "iaf", "nsf": "nsf"}
+CHECKPOINT_FORMAT = "flowguide-vae-example-v1"
+
+
+# -- data --------------------------------------------------------------------------------------
+def load_mnist(path: Path) -> tuple[dict[str, Tensor], tuple[int, int]]:
+    with np.load(path) as f:
+        splits = {k: np.unpackbits(f[k], axis=1)[:, :784] for k in ("train", "valid", "test")}
+    return {k: torch.from_numpy(v.astype(np.float32)) for k, v in splits.items()}, (28, 28)
+
+
+def make_synthetic(seed: int = 0) -> tuple[dict[str, Tensor], tuple[int, int]]:
+    """8x8 binary images from a fixed random two-layer decoder of 4 latents."""
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(4, 32, generator=g)
+    w2 = torch.randn(32, 64, generator=g) * 0.6
+    b2 = torch.randn(64, generator=g) - 1.0
+
+    def draw(n: int) -> Tensor:
+        z = torch.randn(n, 4, generator=g)
+        return torch.bernoulli(torch.sigmoid(torch.tanh(z @ w1) @ w2 * 2 + b2), generator=g)
+
+    return {"train": draw(2000), "valid": draw(500), "test": draw(500)}, (8, 8)
+
+
+# -- the model ---------------------------------------------------------------------------------
+def mlp(sizes: list[int], last_activation: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2 or last_activation:
+            layers.append(nn.Softplus())
+    return nn.Sequential(*layers)
+
+
+class VAE:
+    """The decoder, the Pyro model, its log-joint, and the autoguide with its encoder."""
+
+    def __init__(self, flow: str | None, pixels: int, args: argparse.Namespace) -> None:
+        d, h = args.latent_dim, args.hidden
+        self.latent_dim, self.batch_size = d, args.batch_size
+        self.decoder = mlp([d, h, h, pixels], last_activation=False)
+        encoder = mlp([pixels, h, h], last_activation=True)  # features; flowguide adds heads
+        self.guide = AutoAmortizedFlow(
+            self.model, encoder, flow=flow, num_flows=args.num_flows.get(flow)
+        )
+
+    def model(self, x: Tensor, beta: float = 1.0) -> None:
+        pyro.module("decoder", self.decoder)
+        prior = dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1)
+        with pyro.plate("data", len(x), subsample_size=min(self.batch_size, len(x))) as idx:
+            with poutine.scale(scale=beta):
+                z = pyro.sample("z", prior)
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x[idx])
+
+    def scaled_guide(self, x: Tensor, beta: float = 1.0) -> dict[str, Tensor]:
+        with poutine.scale(scale=beta):  # KL warm-up: beta (log q - log p(z))
+            return self.guide(x, beta)
+
+    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
+        prior = dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        return prior + dist.Bernoulli(logits=self.decoder(z)).log_prob(x).sum(-1)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.decoder, self.guide]
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def atomic_save(obj: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: start over, say so
+        print(f"  ignoring unreadable checkpoint {path}: {error}")
+        return None
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("config") != config:
+        print(f"  ignoring checkpoint {path}: written with other settings")
+        return None
+    return state
+
+
+# -- evaluation --------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(vae: VAE, x: Tensor, num_samples: int) -> Tensor:
+    """Per-image importance-sampled log-likelihood (an ELBO estimate with one sample)."""
+    return importance_weighted_log_likelihood(
+        vae.model, vae.guide, x, num_samples=num_samples, batch_size=8192
+    )
+
+
+def train_one(
+    name: str,
+    data: dict[str, Tensor],
+    args: argparse.Namespace,
+    out: Path,
+) -> tuple[VAE, dict[str, Any]]:
+    flow = POSTERIORS[name]
+    pyro.clear_param_store()
+    torch.manual_seed(args.seed)
+    pyro.set_rng_seed(args.seed)
+    x_train, x_valid = data["train"], data["curve"]
+    vae = VAE(flow, x_train.shape[1], args)
+    vae.guide.setup(x_train, 1.0)
+    params = list({id(p): p for m in vae.modules() for p in m.parameters()}.values())
+    optimizer = torch.optim.Adam(params, lr=args.lr)
+    config = {
+        k: getattr(args, k)
+        for k in ("latent_dim", "hidden", "batch_size", "lr", "warmup_epochs", "seed")
+    }
+    config |= {"posterior": name, "objective": args.objective, "data": args.data_name}
+    config |= {"train_size": len(x_train), "num_flows": str(args.num_flows.get(flow))}
+    path = out / "checkpoints" / f"{name}.pt"
+    state = None if args.restart else load_checkpoint(path, config)
+    history: dict[str, list[float]] = {
+        "train_loss": [],  # per epoch
+        "valid_elbo": [],  # per epoch
+        "epoch_seconds": [],
+        "curve_step": [],  # the training loss averaged over every 50 steps
+        "curve_loss": [],
+    }
+    start = 0
+    if state is not None:
+        vae.decoder.load_state_dict(state["decoder"])
+        vae.guide.load_state_dict(state["guide"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        history, start = state["history"], int(state["epoch"])
+        print(f"  resuming {name} after epoch {start}")
+    n = len(x_train)
+    steps = max(1, n // args.batch_size)
+    warmup = max(1, round(args.warmup_epochs * steps))
+    elbo = Trace_ELBO()
+    window, count = 0.0, 0
+    for epoch in range(start, args.epochs):
+        bar = progress(steps, f"{name} epoch {epoch + 1}/{args.epochs}", args.progress)
+        total, t0 = 0.0, time.perf_counter()
+        for i in range(steps):
+            step = epoch * steps + i
+            if args.objective == "dreg":
+                idx = torch.randint(n, (args.batch_size,))
+                loss = dreg_loss(vae.log_joint, vae.guide.posterior, x_train[idx], args.iw_train)
+            else:
+                beta = min(1.0, (step + 1) / warmup)
+                loss = elbo.differentiable_loss(vae.model, vae.scaled_guide, x_train, beta) / n
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            window, count = window + loss.item(), count + 1
+            if (step + 1) % 50 == 0:
+                history["curve_step"].append(step + 1)
+                history["curve_loss"].append(window / count)
+                window, count = 0.0, 0
+            if bar is not None:
+                bar.update(1)
+                if i % 20 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.2f}")
+        seconds = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        torch.manual_seed(args.seed + epoch)
+        valid = evaluate(vae, x_valid, 1).mean().item()
+        history["train_loss"].append(total / steps)
+        history["valid_elbo"].append(valid)
+        history["epoch_seconds"].append(seconds)
+        print(
+            f"  {name} epoch {epoch + 1}: train loss {total / steps:.2f}, "
+            f"held-out -ELBO {-valid:.2f}, {seconds:.1f} s"
+        )
+        atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config": config,
+                "epoch": epoch + 1,
+                "decoder": vae.decoder.state_dict(),
+                "guide": vae.guide.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "history": history,
+                "rng": torch.get_rng_state(),
+            },
+            path,
+        )
+    return vae, history
+
+
+def progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+
+
+# -- figures -----------------------------------------------------------------------------------
+def grid(images: Tensor, shape: tuple[int, int]) -> np.ndarray:
+    """(rows, cols, pixels) to one image with a one-pixel gap."""
+    rows, cols = images.shape[:2]
+    h, w = shape
+    canvas = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1))
+    for r in range(rows):
+        for c in range(cols):
+            canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = (
+                images[r, c].reshape(h, w).numpy()
+            )
+    return canvas
+
+
+@torch.no_grad()
+def figures(
+    vaes: dict[str, VAE],
+    histories: dict[str, dict[str, list[float]]],
+    x_test: Tensor,
+    shape: tuple[int, int],
+    out: Path,
+    seed: int,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(vaes)
+    cols = 10
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(cols, next(iter(vaes.values())).latent_dim, generator=g)
+    samples = torch.stack([torch.sigmoid(vaes[n].decoder(z)) for n in names])
+    fig, ax = plt.subplots(figsize=(cols * 0.8, len(names) * 0.9))
+    ax.imshow(grid(samples, shape), cmap="gray_r", vmin=0, vmax=1)
+    ax.set_yticks([(shape[0] + 1) * (i + 0.5) for i in range(len(names))], names)
+    ax.set_xticks([])
+    ax.set_title("decoder means at z ~ N(0, I), the same z in every row")
+    fig.tight_layout()
+    fig.savefig(out / "samples.png", dpi=120)
+    plt.close(fig)
+
+    idx = torch.randperm(len(x_test), generator=g)[:cols]
+    x = x_test[idx]
+    rows = [x]
+    for n in names:
+        posterior = vaes[n].guide.posterior
+        rows.append(torch.sigmoid(vaes[n].decoder(posterior(x).sample())))
+    fig, ax = plt.subplots(figsize=(cols * 0.8, (len(names) + 1) * 0.9))
+    ax.imshow(grid(torch.stack(rows), shape), cmap="gray_r", vmin=0, vmax=1)
+    ax.set_yticks([(shape[0] + 1) * (i + 0.5) for i in range(len(names) + 1)], ["data", *names])
+    ax.set_xticks([])
+    ax.set_title("test images and reconstructions (decoder means at z ~ q(z | x))")
+    fig.tight_layout()
+    fig.savefig(out / "reconstructions.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for n in names:
+        h = histories[n]
+        if h["curve_step"]:
+            axes[0].plot(h["curve_step"], h["curve_loss"], label=n)
+        else:  # fewer than 50 steps
+            axes[0].plot(range(1, len(h["train_loss"]) + 1), h["train_loss"], marker="o", label=n)
+        epochs = range(1, len(h["valid_elbo"]) + 1)
+        axes[1].plot(epochs, [-v for v in h["valid_elbo"]], marker="o", label=n)
+    axes[0].set_title("training loss per datum, mean of 50 steps\n(beta-weighted in warm-up)")
+    axes[0].set_xlabel("step")
+    if all(len(h["curve_loss"]) >= 8 for h in histories.values()):
+        # clip the first quarter's large values so that the later differences show
+        top = max(max(h["curve_loss"][len(h["curve_loss"]) // 4 :]) for h in histories.values())
+        axes[0].set_ylim(top=top)
+    axes[1].set_title("held-out -ELBO (nats), 1000 validation images")
+    axes[1].set_xlabel("epoch")
+    axes[1].xaxis.get_major_locator().set_params(integer=True)
+    for a in axes:
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(out / "training_curves.png", dpi=120)
+    plt.close(fig)
+
+
+# -- main --------------------------------------------------------------------------------------
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="binarized MNIST .npz")
+    p.add_argument("--synthetic", action="store_true", help="use the synthetic data set")
+    p.add_argument("--smoke", action="store_true", help="a tiny run for CI (under a minute)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--latent-dim", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=300, help="encoder and decoder widths")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="KL warm-up length")
+    p.add_argument("--posteriors", default=",".join(POSTERIORS), help="comma-separated")
+    p.add_argument("--flows", type=int, default=None, help="layers for every flow family")
+    p.add_argument("--objective", choices=["elbo", "dreg"], default="elbo")
+    p.add_argument("--iw-train", type=int, default=8, help="samples per datum for --objective dreg")
+    p.add_argument("--iw-samples", type=int, default=200, help="importance samples for the NLL")
+    p.add_argument("--nll-size", type=int, default=1000, help="test images for the NLL")
+    p.add_argument("--train-size", type=int, default=None, help="use only this many images")
+    p.add_argument("--output", type=Path, default=Path("vae-results"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--restart", action="store_true", help="ignore existing checkpoints")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.epochs = min(args.epochs, 1)
+        args.train_size = min(args.train_size or 600, 600)
+        args.latent_dim = min(args.latent_dim, 4)
+        args.hidden = min(args.hidden, 32)
+        args.batch_size = min(args.batch_size, 50)
+        args.iw_samples = min(args.iw_samples, 10)
+        args.nll_size = min(args.nll_size, 50)
+        args.flows = args.flows or 2
+    unknown = set(args.posteriors.split(",")) - set(POSTERIORS)
+    if unknown:
+        p.error(f"unknown posteriors {sorted(unknown)}; choose from {list(POSTERIORS)}")
+    args.num_flows = {f: args.flows for f in POSTERIORS.values() if f is not None}
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    torch.set_num_threads(args.threads)
+    out: Path = args.output
+    out.mkdir(parents=True, exist_ok=True)
+    if args.synthetic or not args.data.exists():
+        if not args.synthetic:
+            print(f"{args.data} not found: using the synthetic data set")
+        data, shape = make_synthetic(args.seed)
+        args.data_name = "synthetic 8x8 binary (2000 train / 500 test)"
+    else:
+        data, shape = load_mnist(args.data)
+        args.data_name = f"binarized MNIST (static), {args.data.name}"
+    g = torch.Generator().manual_seed(args.seed)
+    if args.train_size is not None:
+        data["train"] = data["train"][torch.randperm(len(data["train"]), generator=g)]
+        data["train"] = data["train"][: args.train_size]
+    # the test set is sorted by class: seeded random subsets, never "the first N"
+    data["curve"] = data["valid"][torch.randperm(len(data["valid"]), generator=g)[:1000]]
+    nll_idx = torch.randperm(len(data["test"]), generator=g)[: args.nll_size]
+    print(
+        f"data: {args.data_name}; train {len(data['train'])}, test {len(data['test'])}; "
+        f"latent {args.latent_dim}, hidden {args.hidden}, {args.epochs} epochs, "
+        f"objective {args.objective}"
+    )
+
+    vaes: dict[str, VAE] = {}
+    histories: dict[str, dict[str, list[float]]] = {}
+    results: dict[str, dict[str, float]] = {}
+    per_image: dict[str, Tensor] = {}
+    for name in args.posteriors.split(","):
+        vae, history = train_one(name, data, args, out)
+        torch.manual_seed(args.seed)
+        t0 = time.perf_counter()
+        neg_elbo = -evaluate(vae, data["test"], 1)
+        nll = -evaluate(vae, data["test"][nll_idx], args.iw_samples)
+        per_image[name] = nll
+        seconds = history["epoch_seconds"]
+        results[name] = {
+            "test_neg_elbo": neg_elbo.mean().item(),
+            "test_neg_elbo_se": standard_error(neg_elbo),
+            "test_nll": nll.mean().item(),
+            "test_nll_se": standard_error(nll),
+            "seconds_per_epoch": sum(seconds) / max(len(seconds), 1),
+            "eval_seconds": time.perf_counter() - t0,
+            "guide_parameters": sum(p.numel() for p in vae.guide.parameters()),
+            "epochs": len(seconds),
+        }
+        if "diagonal" in per_image and name != "diagonal":
+            # paired over the same test images: the image-to-image spread cancels
+            diff = nll - per_image["diagonal"]
+            results[name]["nll_minus_diagonal"] = diff.mean().item()
+            results[name]["nll_minus_diagonal_se"] = standard_error(diff)
+        test_elbo, nll_mean = -results[name]["test_neg_elbo"], results[name]["test_nll"]
+        print(f"  {name}: test -ELBO {-test_elbo:.2f}, NLL {nll_mean:.2f}")
+        vaes[name], histories[name] = vae, history
+
+    write_table(results, args, len(data["test"]), out)
+    figures(vaes, histories, data["test"], shape, out, args.seed)
+    print(f"wrote {out / 'results.md'} and figures in {out}")
+
+
+def standard_error(values: Tensor) -> float:
+    return (values.std() / math.sqrt(max(values.numel(), 1))).item()
+
+
+def write_table(
+    results: dict[str, dict[str, float]], args: argparse.Namespace, n_test: int, out: Path
+) -> None:
+    lines = [
+        "# VAE posteriors: diagonal Gaussian vs amortized flows",
+        "",
+        f"Data: {args.data_name}. Latent dim {args.latent_dim}; encoder and decoder MLPs with two "
+        f"hidden layers of {args.hidden} (softplus); batch {args.batch_size}; Adam, lr {args.lr}; "
+        f"{args.epochs} epochs; objective {args.objective}"
+        + (f" with {args.warmup_epochs} epochs of KL warm-up" if args.objective == "elbo" else "")
+        + f"; seed {args.seed}; {args.threads} CPU thread(s).",
+        "",
+        f"Test -ELBO: all {n_test} test images, one sample each. NLL: importance sampling with "
+        f"K = {args.iw_samples} samples per image on a seeded random subset of "
+        f"{min(args.nll_size, n_test)} test images. Nats per image, lower is better.",
+        "",
+        "| posterior | test -ELBO | test NLL (IS) | NLL - diagonal (paired) | train s/epoch "
+        "| guide parameters |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in results.items():
+        diff = (
+            ""
+            if "nll_minus_diagonal" not in r
+            else (f"{r['nll_minus_diagonal']:+.2f} ± {r['nll_minus_diagonal_se']:.2f}")
+        )
+        lines.append(
+            f"| {name} | {r['test_neg_elbo']:.2f} ± {r['test_neg_elbo_se']:.2f} | "
+            f"{r['test_nll']:.2f} ± {r['test_nll_se']:.2f} | {diff} | "
+            f"{r['seconds_per_epoch']:.1f} | {r['guide_parameters']:,} |"
+        )
+    lines += [
+        "",
+        "± one standard error over the test images (and the importance samples); the paired "
+        "column compares each flow with the diagonal posterior on the same images. Neither "
+        "covers the spread between training runs (one seed each).",
+    ]
+    if args.data_name.startswith("binarized MNIST"):
+        lines += [
+            "",
+            "Published anchors on this split (van den Berg et al. 2018, Table 2, 64 latents, "
+            "far longer training): diagonal 86.55 / 82.14, planar 86.06 / 81.91, IAF 84.20 / "
+            "80.79 (-ELBO / NLL).",
+        ]
+    lines.append("")
+    (out / "results.md").write_text("\n".join(lines))
+    payload = {"settings": {k: str(v) for k, v in vars(args).items()}, "results": results}
+    (out / "results.json").write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()
