@@ -30,7 +30,7 @@ written atomically after every epoch; a rerun with the same settings resumes, an
 Examples::
 
     python examples/vae.py --epochs 3 --latent-dim 32 --output vae-results
-    python examples/vae.py --smoke --synthetic --output /tmp/vae-smoke      # CI, < 1 minute
+    python examples/vae.py --smoke --synthetic --output vae-smoke      # CI, < 1 minute
 
 References: Kingma & Welling 2014 (arXiv:1312.6114); Rezende & Mohamed 2015 (arXiv:1505.05770);
 Kingma et al. 2016 (arXiv:1606.04934); van den Berg et al. 2018 (arXiv:1803.05649); Durkan et al.
