@@ -1,0 +1,171 @@
+"""Time one SVI step: flowguide's guides and fit loop against Pyro's flow guides, in one run.
+
+For each model and flow family, at equal architecture (same number of flow layers, same hidden
+widths, same bins and bound), it times a training step with ``num_particles`` particles:
+
+* flowguide: ``flowguide.fit`` with the guide's default loss (the direct flow ELBO, particles
+  vectorised), per step, after a warm-up fit;
+* Pyro: ``SVI(model, guide, Adam, Trace_ELBO(num_particles, vectorize_particles=True)).step()``
+  with ``AutoIAFNormal`` (IAF) or ``AutoNormalizingFlow`` with ``spline_autoregressive``.
+  Pyro's default spline is the linear-rational one (``order="linear"``); its rational-quadratic
+  one (``order="quadratic"``, the spline flowguide uses) fails inside an SVI guide in pyro 1.9.2
+  with ``ValueError: too many values to unpack``, so the comparison uses Pyro's default.
+
+It prints a markdown table of milliseconds per step (medians over repeats) and the ratio
+Pyro / flowguide (above 1: flowguide is faster). No timing is asserted anywhere.
+
+Run: ``python benchmarks/svi.py`` (``--quick`` for a smoke run; ``--output FILE`` to save the
+table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+from collections.abc import Callable
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions.transforms import iterated, spline_autoregressive
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoIAFNormal, AutoNormalizingFlow
+
+import flowguide as fg
+
+__all__ = ["MODELS", "main"]
+
+
+def banana3() -> None:
+    """A 3-D banana: x1 ~ N(0, 1), x2 ~ N(x1^2, 0.5), x3 ~ N(x2 - x1, 1)."""
+    x1 = pyro.sample("x1", dist.Normal(0.0, 1.0))
+    x2 = pyro.sample("x2", dist.Normal(x1**2, 0.5))
+    pyro.sample("x3", dist.Normal(x2 - x1, 1.0))
+
+
+def schools() -> None:
+    """Eight schools, non-centered (10 latent dimensions)."""
+    y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+    sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("schools", 8):
+        eta = pyro.sample("eta", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(mu + tau * eta, sigma), obs=y)
+
+
+def regression50() -> None:
+    """A 50-D Bayesian linear regression with 200 observations."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 50, generator=g)
+    y = x @ torch.linspace(-1, 1, 50) + 0.5 * torch.randn(200, generator=g)
+    w = pyro.sample("w", dist.Normal(torch.zeros(50), 1.0).to_event(1))
+    with pyro.plate("data", 200):
+        # (x * w).sum(-1) rather than x @ w, so that a batch of particles broadcasts
+        pyro.sample("y", dist.Normal((x * w.unsqueeze(-2)).sum(-1), 0.5), obs=y)
+
+
+MODELS: dict[str, tuple[Callable[[], None], int]] = {
+    "banana-3d": (banana3, 3),
+    "eight-schools-10d": (schools, 10),
+    "regression-50d": (regression50, 50),
+}
+
+
+def _time_pyro(
+    model: Callable[[], None], guide: Callable, particles: int, steps: int, repeats: int
+) -> float:
+    pyro.clear_param_store()
+    svi = SVI(
+        model,
+        guide,
+        pyro.optim.Adam({"lr": 1e-3}),
+        Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=1),
+    )
+    for _ in range(5):
+        svi.step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            svi.step()
+        times.append((time.perf_counter() - start) / steps)
+    return 1e3 * statistics.median(times)
+
+
+def _time_ours(
+    model: Callable[[], None], guide: fg.AutoFlow, particles: int, steps: int, repeats: int
+) -> float:
+    pyro.clear_param_store()
+    common = {"num_particles": particles, "progress": False, "patience": 0, "lr": 1e-3}
+    fg.fit(model, guide, num_steps=5, **common)
+    times = []
+    for _ in range(repeats):
+        result = fg.fit(model, guide, num_steps=steps, **common)
+        times.append(result.seconds / steps)
+    return 1e3 * statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run")
+    parser.add_argument("--particles", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=50, help="steps per repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--output", default=None, help="also write the table to this file")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps, repeats = (5, 2) if args.quick else (args.steps, args.repeats)
+    torch.manual_seed(0)
+
+    rows = [
+        "| model | family | layers, hidden | flowguide ms/step | Pyro ms/step | Pyro / flowguide |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for name, (model, dim) in MODELS.items():
+        hidden = [max(3 * dim + 1, 16)]
+        layers = 2
+        cases = {
+            "IAF": (
+                functools.partial(fg.AutoIAF, num_flows=layers, hidden=hidden),
+                functools.partial(AutoIAFNormal, hidden_dim=hidden, num_transforms=layers),
+            ),
+            "NSF": (
+                functools.partial(fg.AutoNeuralSpline, num_flows=layers, hidden=hidden),
+                functools.partial(
+                    AutoNormalizingFlow,
+                    init_transform_fn=functools.partial(
+                        iterated,
+                        layers,
+                        spline_autoregressive,
+                        hidden_dims=hidden,
+                    ),
+                ),
+            ),
+        }
+        for family, (ours, theirs) in cases.items():
+            t_ours = _time_ours(model, ours(model), args.particles, steps, repeats)
+            t_pyro = _time_pyro(model, theirs(model), args.particles, steps, repeats)
+            rows.append(
+                f"| {name} | {family} | {layers} x {hidden} | {t_ours:.2f} | {t_pyro:.2f} | "
+                f"{t_pyro / t_ours:.2f} |"
+            )
+            print(rows[-1], flush=True)
+    table = "\n".join(rows)
+    header = (
+        f"SVI step, {args.particles} particles (vectorised), float32, CPU, "
+        f"torch {torch.__version__}, pyro {pyro.__version__}, {torch.get_num_threads()} threads"
+    )
+    text = header + "\n\n" + table
+    print("\n" + text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    return text
+
+
+if __name__ == "__main__":
+    main()
