@@ -18,6 +18,7 @@ Spline (Durkan et al. 2019, arXiv:1906.04032): :math:`\tau` is the rational-quad
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,13 @@ from .base import Flow
 from .spline import rational_quadratic_spline, spline_params, validate_spline_args
 
 __all__ = ["AffineAutoregressive", "SplineAutoregressive"]
+
+
+class _InversePlan(NamedTuple):
+    order: list[int]
+    hidden: list[tuple[Tensor, Tensor, nn.Module, list[int]]]
+    out_weight: Tensor
+    out_bias: Tensor
 
 
 class _Autoregressive(Flow):
@@ -60,34 +68,66 @@ class _Autoregressive(Flow):
         # One pass per coordinate, in the MADE's order: pass k computes the parameters of the
         # k-th coordinate i from x_{<k} (exact by then) and inverts that coordinate alone, so its
         # log-derivative is already the forward log-det's term at x.
-        # Speed: each pass evaluates the MADE's hidden layers (their masked weights formed once
-        # per call) and only coordinate i's rows of the output layer, and runs the elementwise
-        # inverse on one coordinate. Same values as D full MADE passes each inverting every
-        # coordinate (the previous code), at a fraction of the cost: with K spline bins the
-        # output layer is (3K - 1) D rows wide and dominated each of those D passes.
-        made, p = self.made, self.made.params_per_dim
-        hidden = [
-            (m.weight * m.mask, m.bias) if isinstance(m, MaskedLinear) else m
-            for m in made.net[:-1]
-        ]
-        out = made.output_layer
-        out_weight = out.weight * out.mask
+        #
+        # Speed (same values as D full MADE passes that each invert every coordinate): pass k
+        # evaluates only what coordinate i's parameters depend on. That is i's rows of the output
+        # layer (the full layer is (3K - 1) D rows for a spline) and, in each hidden layer, the
+        # units connected to them; for a MADE those are the units of degree <= k, so they grow
+        # with k. ``_inverse_plan`` sorts every hidden layer's units by the first pass that needs
+        # them, which makes pass k's units a leading block of each sorted weight.
+        plan = self._inverse_plan()
         batch = y.shape[:-1]
         if context is not None:
             batch = torch.broadcast_shapes(batch, context.shape[:-1])
             context = context.expand(*batch, -1)
         x = y.new_zeros(*batch, self.dim)
+        p = self.made.params_per_dim
         ladj: Tensor | None = None
-        for i, index in zip(made.order.tolist(), made.order.unsqueeze(-1).to(y.device)):
+        for k, (i, index) in enumerate(zip(plan.order, self.made.order.unsqueeze(-1), strict=True)):
             h = x if context is None else torch.cat([x, context], dim=-1)
-            for layer in hidden:
-                h = F.linear(h, *layer) if isinstance(layer, tuple) else layer(h)
-            theta = F.linear(h, out_weight[i * p : (i + 1) * p], out.bias[i * p : (i + 1) * p])
+            n_prev = h.shape[-1]
+            for weight, bias, activation, counts in plan.hidden:
+                n = counts[k]
+                h = activation(F.linear(h, weight[:n, :n_prev], bias[:n]))
+                n_prev = n
+            theta = F.linear(h, plan.out_weight[i * p : (i + 1) * p, :n_prev], plan.out_bias[i])
             xi, logd = self._elementwise(y[..., i : i + 1], theta.unsqueeze(-2), inverse=True)
             x = x.index_copy(-1, index, xi)
             ladj = logd[..., 0] if ladj is None else ladj + logd[..., 0]
         assert ladj is not None
         return x, ladj
+
+    def _inverse_plan(self) -> _InversePlan:
+        """The MADE's masked weights with each hidden layer's units sorted by the first inverse
+        pass that needs them, and how many units each pass needs (see ``_inverse_ladj``)."""
+        made, dim, p = self.made, self.dim, self.made.params_per_dim
+        linears = [m for m in made.net if isinstance(m, MaskedLinear)]
+        activations = [m for m in made.net if not isinstance(m, MaskedLinear)]
+        # needs[l][k, j]: unit j of hidden layer l feeds the k-th coordinate's parameters
+        need = linears[-1].mask.unflatten(0, (dim, p)).any(1)[made.order]
+        needs = [need]
+        for layer in reversed(linears[1:-1]):
+            need = (need.float() @ layer.mask.float()) > 0
+            needs.append(need)
+        needs.reverse()
+        passes = torch.arange(dim, device=need.device)
+        hidden, perm_prev = [], None
+        for layer, activation, need in zip(linears[:-1], activations, needs, strict=True):
+            first = torch.where(need.any(0), need.float().argmax(0), dim)  # first 1 of a column
+            perm = torch.argsort(first, stable=True)
+            weight = (layer.weight * layer.mask)[perm]
+            if perm_prev is not None:
+                weight = weight[:, perm_prev]
+            counts = (first <= passes.unsqueeze(-1)).sum(-1).tolist()
+            hidden.append((weight, layer.bias[perm], activation, counts))
+            perm_prev = perm
+        out = linears[-1]
+        out_weight = out.weight * out.mask
+        if perm_prev is not None:
+            out_weight = out_weight[:, perm_prev]
+        return _InversePlan(
+            made.order.tolist(), hidden, out_weight, out.bias.unflatten(0, (dim, p))
+        )
 
     @property
     def order(self) -> Tensor:
