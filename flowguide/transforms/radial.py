@@ -81,21 +81,21 @@ class Radial(Flow):
         beta = alpha_beta - alpha
         return x0, alpha.squeeze(-1), beta.squeeze(-1), alpha_beta.squeeze(-1)
 
-    def _ladj(self, r: Tensor, alpha: Tensor, alpha_beta: Tensor) -> Tensor:
+    def _ladj(self, r: Tensor, beta: Tensor, a_r: Tensor, ab_r: Tensor) -> Tensor:
         # fix, see _split: with h = 1 / (alpha + r), 1 + beta h = (alpha + beta + r) h and
         # 1 + alpha beta h^2 = (1 + beta h) (1 + t) with t = -beta r h / (alpha + beta + r) > -1:
-        # no cancellation as beta -> -alpha, and exactly 0 at beta = 0
-        beta = alpha_beta - alpha
-        log1p_beta_h = torch.log(alpha_beta + r) - torch.log(alpha + r)
-        t = -beta * r / ((alpha + r) * (alpha_beta + r))
-        return self.dim * log1p_beta_h + torch.log1p(t)
+        # no cancellation as beta -> -alpha, and exactly 0 at beta = 0. a_r = alpha + r and
+        # ab_r = alpha + beta + r come from the caller, which needs them too.
+        ratio = ab_r / a_r
+        return self.dim * torch.log(ratio) + torch.log1p(-beta * r / (a_r * ab_r))
 
     def _forward_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         x0, alpha, beta, alpha_beta = self._split(context)
         diff = x - x0
         r = torch.linalg.vector_norm(diff, dim=-1)
-        y = x + (beta / (alpha + r)).unsqueeze(-1) * diff
-        return y, self._ladj(r, alpha, alpha_beta)
+        a_r = alpha + r
+        y = x + (beta / a_r).unsqueeze(-1) * diff
+        return y, self._ladj(r, beta, a_r, alpha_beta + r)
 
     def _inverse_ladj(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         x0, alpha, beta, alpha_beta = self._split(context)
@@ -108,5 +108,6 @@ class Radial(Flow):
         r = torch.where(p >= 0, 2 * alpha * rho / (p + root), 0.5 * (root - p))
         # x - x0 = (y - x0) / (1 + beta h), i.e. x = y - beta (y - x0) / (alpha + beta + r): no
         # 0 / 0 at beta = -alpha (fix, see _split), and exactly y at beta = 0
-        x = y - (beta / (alpha_beta + r)).unsqueeze(-1) * diff
-        return x, self._ladj(r, alpha, alpha_beta)
+        ab_r = alpha_beta + r
+        x = y - (beta / ab_r).unsqueeze(-1) * diff
+        return x, self._ladj(r, beta, alpha + r, ab_r)
