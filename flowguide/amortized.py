@@ -74,7 +74,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import biject_to, constraints
 
-from .guides import AutoIAF, default_hidden
+from .guides import AutoIAF, default_hidden, plate_nesting
 from .transforms import (
     AffineAutoregressive,
     Compose,
@@ -843,16 +843,7 @@ class AutoAmortizedFlow(AutoGuide):
             for name, site in trace.nodes.items()
             if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
         }
-        self._nesting = max(
-            (
-                -f.dim
-                for site in trace.nodes.values()
-                if site["type"] == "sample"
-                for f in site["cond_indep_stack"]
-                if f.vectorized
-            ),
-            default=0,
-        )
+        self._nesting = plate_nesting(trace)
         names = self._requested_sites
         if names is None:
             names = [

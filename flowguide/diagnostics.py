@@ -83,7 +83,7 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
-from .guides import AutoFlow, constrain_latent
+from .guides import AutoFlow, constrain_latent, plate_nesting
 
 if TYPE_CHECKING:
     import arviz
@@ -185,16 +185,7 @@ def _trace_model(
 
 
 def _plate_nesting(trace: poutine.Trace) -> int:
-    return max(
-        (
-            -frame.dim
-            for site in trace.nodes.values()
-            if site["type"] == "sample"
-            for frame in site["cond_indep_stack"]
-            if frame.vectorized and frame.name != _PARTICLES
-        ),
-        default=0,
-    )
+    return plate_nesting(trace, ignore=(_PARTICLES,))
 
 
 def _warn_if_subsampled(trace: poutine.Trace) -> None:

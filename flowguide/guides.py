@@ -71,6 +71,7 @@ __all__ = [
     "AutoRadial",
     "constrain_latent",
     "default_hidden",
+    "plate_nesting",
     "robust_init",
 ]
 
@@ -121,6 +122,21 @@ def constrain_latent(
         values[name] = value.reshape(n, *(1,) * max(nesting - batch_dims, 0), *shape)
         draws[name] = value.reshape(n, *shape)
     return values, draws, log_jac
+
+
+def plate_nesting(trace: poutine.Trace, ignore: tuple[str, ...] = ()) -> int:
+    """The deepest vectorised plate dim among a trace's sample sites (observed ones included),
+    plates named in ``ignore`` left out: a batch of draws goes in a plate at ``-nesting - 1``."""
+    return max(
+        (
+            -frame.dim
+            for site in trace.nodes.values()
+            if site["type"] == "sample"
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized and frame.name not in ignore
+        ),
+        default=0,
+    )
 
 
 def _feasible(site: dict) -> Tensor:
@@ -211,16 +227,7 @@ class AutoFlow(AutoContinuous):
         super()._setup_prototype(*args, **kwargs)
         # the deepest plate over all sample sites (the prototype trace hides observed sites);
         # vectorised particles go in a plate to its left
-        self.max_plate_nesting = max(
-            (
-                -frame.dim
-                for site in probe.nodes.values()
-                if site["type"] == "sample"
-                for frame in site["cond_indep_stack"]
-                if frame.vectorized
-            ),
-            default=0,
-        )
+        self.max_plate_nesting = plate_nesting(probe)
         loc = self._init_loc().detach()
         flow = self._make_flow(self.latent_dim)
         if not isinstance(flow, Flow):

@@ -66,7 +66,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import Transform, biject_to
 
-from .guides import AutoFlow, _probe_init
+from .guides import AutoFlow, _probe_init, plate_nesting
 
 if TYPE_CHECKING:
     import arviz
@@ -116,19 +116,6 @@ def _latent_sites(trace: poutine.Trace) -> dict[str, dict]:
         for name, site in trace.nodes.items()
         if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
     }
-
-
-def _plate_nesting(trace: poutine.Trace) -> int:
-    return max(
-        (
-            -frame.dim
-            for site in trace.nodes.values()
-            if site["type"] == "sample"
-            for frame in site["cond_indep_stack"]
-            if frame.vectorized
-        ),
-        default=0,
-    )
 
 
 def _per_chain(log_prob: Tensor, n: int, nesting: int) -> Tensor:
@@ -203,7 +190,7 @@ class NeuTraPotential:
         loc = guide.affine.loc
         self.device, self.dtype = loc.device, loc.dtype
         self.dim: int = guide.latent_dim
-        self.max_plate_nesting = _plate_nesting(probe)
+        self.max_plate_nesting = plate_nesting(probe)
         self.sites = self._layout(_latent_sites(probe))
         self.transform = guide.get_transform().with_cache(0)
         self.num_grad_calls = 0
