@@ -65,6 +65,15 @@ def _check_positive_int(value: int, name: str, minimum: int = 1) -> int:
     return value
 
 
+def _activation(activation: Callable[[], nn.Module]) -> nn.Module:
+    """Instantiate a hidden activation; a ReLU acts in place, on the fresh output of the linear
+    layer before it (whose backward does not read it), which saves an allocation per layer."""
+    module = activation()
+    if type(module) is nn.ReLU:
+        module.inplace = True
+    return module
+
+
 class MaskedLinear(nn.Linear):
     """A linear layer whose weight is multiplied by a fixed 0/1 mask (a buffer).
 
@@ -117,7 +126,7 @@ class MLP(nn.Module):
         widths = (in_features, *check_hidden(hidden), out_features)
         layers: list[nn.Module] = []
         for a, b in itertools.pairwise(widths[:-1]):
-            layers += [nn.Linear(a, b), activation()]
+            layers += [nn.Linear(a, b), _activation(activation)]
         last = nn.Linear(widths[-2], widths[-1])
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
@@ -147,6 +156,11 @@ class MADE(nn.Module):
         context_dim: the width of the context input (0 for none).
         order: the order of the inputs, a permutation of ``0 .. dim - 1`` (default: ``0, 1, ...``).
         activation: the hidden activation's class.
+        param_major: lay the output layer's rows out parameter by parameter (all inputs' first
+            parameter, then all inputs' second, ...) instead of input by input. The output has
+            the same shape and values either way; parameter-major makes ``out[..., j]`` a
+            contiguous row, which speeds up bijections that read their parameters one kind at
+            a time (the affine flow's shift and log-scale).
 
     Reference: Germain et al. 2015, arXiv:1502.03509.
 
@@ -166,9 +180,11 @@ class MADE(nn.Module):
         context_dim: int = 0,
         order: Sequence[int] | Tensor | None = None,
         activation: Callable[[], nn.Module] = nn.ReLU,
+        param_major: bool = False,
     ) -> None:
         super().__init__()
         self.dim = _check_positive_int(dim, "dim")
+        self.param_major = bool(param_major)
         self.params_per_dim = _check_positive_int(params_per_dim, "params_per_dim")
         self.context_dim = _check_positive_int(context_dim, "context_dim", minimum=0)
         hidden = check_hidden(hidden)
@@ -186,9 +202,12 @@ class MADE(nn.Module):
         prev = in_degree
         for width in hidden:
             deg = torch.arange(width) % (dim - low) + low
-            layers += [MaskedLinear((deg[:, None] >= prev[None, :]).float()), activation()]
+            layers += [MaskedLinear((deg[:, None] >= prev[None, :]).float()), _activation(activation)]
             prev = deg
-        out_degree = in_degree[:dim].repeat_interleave(params_per_dim)
+        if self.param_major:
+            out_degree = in_degree[:dim].repeat(params_per_dim)
+        else:
+            out_degree = in_degree[:dim].repeat_interleave(params_per_dim)
         last = MaskedLinear((out_degree[:, None] > prev[None, :]).float())
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
@@ -200,9 +219,24 @@ class MADE(nn.Module):
         """The zero-initialised last layer."""
         return self.net[-1]  # type: ignore[return-value]
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def flat(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """The output layer's values, unshaped: ``(..., dim * params_per_dim)``, laid out input
+        by input, or parameter by parameter with ``param_major``."""
         if context is not None:
             batch = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
             x = torch.cat([x.expand(*batch, -1), context.expand(*batch, -1)], dim=-1)
-        out = self.net(x)
+        return self.net(x)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        out = self.flat(x, context)
+        if self.param_major:
+            return out.unflatten(-1, (self.params_per_dim, self.dim)).transpose(-1, -2)
         return out.unflatten(-1, (self.dim, self.params_per_dim))
+
+    def input_major_rows(self) -> Tensor:
+        """The permutation of the output layer's rows that lists them input by input (input 0's
+        parameters, then input 1's, ...): the identity unless ``param_major``."""
+        rows = torch.arange(self.dim * self.params_per_dim, device=self.order.device)
+        if self.param_major:
+            return rows.view(self.params_per_dim, self.dim).t().reshape(-1)
+        return rows

@@ -50,10 +50,11 @@ class _Autoregressive(Flow):
         order: Sequence[int] | Tensor | None,
         activation: type[nn.Module],
         cache_size: int,
+        param_major: bool = False,
     ) -> None:
         super().__init__(dim, context_dim, cache_size)
         hidden = (max(10 * dim, 16),) * 2 if hidden is None else hidden
-        self.made = MADE(dim, params_per_dim, hidden, context_dim, order, activation)
+        self.made = MADE(dim, params_per_dim, hidden, context_dim, order, activation, param_major)
 
     def _elementwise(
         self, x: Tensor, theta: Tensor, inverse: bool
@@ -104,7 +105,8 @@ class _Autoregressive(Flow):
         linears = [m for m in made.net if isinstance(m, MaskedLinear)]
         activations = [m for m in made.net if not isinstance(m, MaskedLinear)]
         # needs[l][k, j]: unit j of hidden layer l feeds the k-th coordinate's parameters
-        need = linears[-1].mask.unflatten(0, (dim, p)).any(1)[made.order]
+        rows = made.input_major_rows()
+        need = linears[-1].mask[rows].unflatten(0, (dim, p)).any(1)[made.order]
         needs = [need]
         for layer in reversed(linears[1:-1]):
             need = (need.float() @ layer.mask.float()) > 0
@@ -122,11 +124,11 @@ class _Autoregressive(Flow):
             hidden.append((weight, layer.bias[perm], activation, counts))
             perm_prev = perm
         out = linears[-1]
-        out_weight = out.weight * out.mask
+        out_weight = (out.weight * out.mask)[rows]
         if perm_prev is not None:
             out_weight = out_weight[:, perm_prev]
         return _InversePlan(
-            made.order.tolist(), hidden, out_weight, out.bias.unflatten(0, (dim, p))
+            made.order.tolist(), hidden, out_weight, out.bias[rows].unflatten(0, (dim, p))
         )
 
     @property
@@ -170,7 +172,8 @@ class AffineAutoregressive(_Autoregressive):
     ) -> None:
         if not log_scale_bound > 0:
             raise ValueError(f"log_scale_bound must be > 0, got {log_scale_bound!r}")
-        super().__init__(dim, 2, hidden, context_dim, order, activation, cache_size)
+        # parameter-major MADE output: the shifts and the log-scales are contiguous rows
+        super().__init__(dim, 2, hidden, context_dim, order, activation, cache_size, True)
         self.log_scale_bound = float(log_scale_bound)
 
     def _elementwise(self, x: Tensor, theta: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
@@ -178,7 +181,16 @@ class AffineAutoregressive(_Autoregressive):
         s = s / (1 + s.abs() / self.log_scale_bound)
         if inverse:
             return (x - loc) * torch.exp(-s), s
-        return loc + torch.exp(s) * x, s
+        return torch.addcmul(loc, torch.exp(s), x), s
+
+    def _forward_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        # the same map as the generic path, read straight from the parameter-major output: the
+        # shifts and log-scales are two slices of it (cheaper to differentiate than the
+        # ``(..., dim, 2)`` view's selections, whose backward pays copies)
+        out = self.made.flat(x, context)
+        loc, s = out[..., : self.dim], out[..., self.dim :]
+        s = s / (1 + s.abs() / self.log_scale_bound)
+        return torch.addcmul(loc, torch.exp(s), x), s.sum(-1)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", log_scale_bound={self.log_scale_bound}"

@@ -45,6 +45,18 @@ class _FlowCache:
         self.x, self.y, self.ladj, self.key = x, y, ladj, key
 
 
+def _stamp_parameters(module: nn.Module, out: list) -> None:
+    """Append ``id`` and version counter of every parameter of ``module`` (and its submodules)
+    to ``out``: ``module.parameters()`` gives the same tensors, at several times the cost (it
+    builds names and removes duplicates, which a stamp does not need)."""
+    for p in module._parameters.values():
+        if p is not None:
+            out += (id(p), p._version)
+    for m in module._modules.values():
+        if m is not None:
+            _stamp_parameters(m, out)
+
+
 class _TransformMethods:
     """The torch ``Transform`` interface on top of a flow's fused methods (shared by a flow and
     its conditioned view)."""
@@ -61,10 +73,11 @@ class _TransformMethods:
         # fix: the grad mode is part of the stamp, so a value computed under ``no_grad`` (say by
         # ``svi.evaluate_loss``) is never handed back, graph-less, once gradients are on again:
         # that silently stopped all training on the same data (no gradient, so no step, so a hit)
-        params = (torch.is_grad_enabled(), *((id(p), p._version) for p in flow.parameters()))
-        if context is None:
-            return params
-        return (*params, id(context), context._version)
+        stamp: list = [torch.is_grad_enabled()]
+        _stamp_parameters(flow, stamp)
+        if context is not None:
+            stamp += (id(context), context._version)
+        return tuple(stamp)
 
     def _lookup(self, x: Tensor | None, y: Tensor | None, key: tuple | None) -> _FlowCache | None:
         c = self._cache
@@ -76,7 +89,9 @@ class _TransformMethods:
 
     def _store(self, x: Tensor, y: Tensor, ladj: Tensor, key: tuple | None) -> None:
         if self._cache_size and key is not None:
-            self._cache = _FlowCache(x, y, ladj, key)
+            # straight into the instance dict: ``nn.Module.__setattr__`` would first look the
+            # name up among parameters, buffers and submodules, at every call
+            self.__dict__["_cache"] = _FlowCache(x, y, ladj, key)
 
     def forward_and_log_abs_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         r"""Return :math:`y = f(x)` and :math:`\log|\det \partial y / \partial x|` in one pass."""

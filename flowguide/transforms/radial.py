@@ -69,45 +69,39 @@ class Radial(Flow):
         self.params = _Parameters(init, context_dim, hidden, activation)
 
     def _split(self, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Return x0, alpha, beta and alpha + beta, with the context's batch shape."""
+        """Return :math:`x_0`, :math:`\alpha`, :math:`\alpha + \beta` and :math:`-\beta`, the
+        last three with a trailing axis of size 1 (they broadcast against ``(..., dim)``)."""
         raw = self.params(context)
         x0, a, c = raw.split((self.dim, 1, 1), dim=-1)
         alpha = F.softplus(a)
-        # fix: alpha + beta = alpha softplus(c + log(e - 1)) kept as such (floored at the smallest
-        # normal number) instead of alpha + alpha m(c): m(c) = softplus(c + log(e - 1)) - 1 loses
-        # all digits of 1 + m(c) as c -> -inf (rounds to -1 for c < -37 in float64), which made
-        # the log-det -inf and the inverse at y = x0 NaN (and inaccurate for c ~ -30).
         alpha_beta = alpha * F.softplus(c + _SHIFT).clamp_min(torch.finfo(c.dtype).tiny)
-        beta = alpha_beta - alpha
-        return x0, alpha.squeeze(-1), beta.squeeze(-1), alpha_beta.squeeze(-1)
+        return x0, alpha, alpha_beta, alpha - alpha_beta
 
-    def _ladj(self, r: Tensor, beta: Tensor, a_r: Tensor, ab_r: Tensor) -> Tensor:
-        # fix, see _split: with h = 1 / (alpha + r), 1 + beta h = (alpha + beta + r) h and
-        # 1 + alpha beta h^2 = (1 + beta h) (1 + t) with t = -beta r h / (alpha + beta + r) > -1:
-        # no cancellation as beta -> -alpha, and exactly 0 at beta = 0. a_r = alpha + r and
-        # ab_r = alpha + beta + r come from the caller, which needs them too.
-        ratio = ab_r / a_r
-        return self.dim * torch.log(ratio) + torch.log1p(-beta * r / (a_r * ab_r))
+    def _ladj(self, r: Tensor, neg_t: Tensor, a_r: Tensor, ab_r: Tensor) -> Tensor:
+        # 1 + beta h(r) = (alpha + beta + r) / (alpha + r), a ratio of positive terms (no
+        # cancellation as beta -> -alpha; exactly 1 at beta = 0), and
+        # 1 + beta h + beta h' r = (1 + beta h) (1 - beta r / ((alpha + r)(alpha + beta + r)))
+        # with -beta / (alpha + r) = neg_t, the factor that moves x
+        ladj = self.dim * torch.log(ab_r / a_r) + torch.log1p(neg_t * r / ab_r)
+        return ladj.squeeze(-1)
 
     def _forward_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        x0, alpha, beta, alpha_beta = self._split(context)
+        x0, alpha, alpha_beta, neg_beta = self._split(context)
         diff = x - x0
-        r = torch.linalg.vector_norm(diff, dim=-1)
+        r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
         a_r = alpha + r
-        y = x + (beta / a_r).unsqueeze(-1) * diff
-        return y, self._ladj(r, beta, a_r, alpha_beta + r)
+        neg_t = neg_beta / a_r
+        y = torch.addcmul(x, neg_t, diff, value=-1)
+        return y, self._ladj(r, neg_t, a_r, alpha_beta + r)
 
     def _inverse_ladj(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        x0, alpha, beta, alpha_beta = self._split(context)
+        x0, alpha, alpha_beta, neg_beta = self._split(context)
         diff = y - x0
-        rho = torch.linalg.vector_norm(diff, dim=-1)
-        # r^2 + p r - alpha rho = 0 with p = alpha + beta - rho; the positive root without
-        # cancellation: 2 alpha rho / (p + sqrt(.)) when p >= 0, (sqrt(.) - p) / 2 otherwise
+        rho = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
         p = alpha_beta - rho
         root = torch.sqrt(p * p + 4 * alpha * rho)
         r = torch.where(p >= 0, 2 * alpha * rho / (p + root), 0.5 * (root - p))
-        # x - x0 = (y - x0) / (1 + beta h), i.e. x = y - beta (y - x0) / (alpha + beta + r): no
-        # 0 / 0 at beta = -alpha (fix, see _split), and exactly y at beta = 0
-        ab_r = alpha_beta + r
-        x = y - (beta / ab_r).unsqueeze(-1) * diff
-        return x, self._ladj(r, beta, alpha + r, ab_r)
+        a_r, ab_r = alpha + r, alpha_beta + r
+        # x - x0 = (y - x0) (alpha + r) / (alpha + beta + r)
+        x = torch.addcmul(y, neg_beta / ab_r, diff)
+        return x, self._ladj(r, neg_beta / a_r, a_r, ab_r)
