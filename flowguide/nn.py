@@ -202,7 +202,8 @@ class MADE(nn.Module):
         prev = in_degree
         for width in hidden:
             deg = torch.arange(width) % (dim - low) + low
-            layers += [MaskedLinear((deg[:, None] >= prev[None, :]).float()), _activation(activation)]
+            mask = (deg[:, None] >= prev[None, :]).float()
+            layers += [MaskedLinear(mask), _activation(activation)]
             prev = deg
         if self.param_major:
             out_degree = in_degree[:dim].repeat(params_per_dim)

@@ -35,9 +35,9 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
 from pyro.infer.autoguide import AutoGuide
-from pyro.distributions.util import scale_and_mask
 from torch import Tensor
 
 from .guides import AutoFlow, constrain_latent

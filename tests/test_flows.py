@@ -329,7 +329,8 @@ def test_iaf_bounded_for_huge_conditioner_outputs():
     torch.manual_seed(0)
     flow = AffineAutoregressive(dim, hidden=(16,), log_scale_bound=bound).double()
     randomize(flow, scale=1.0, seed=1)
-    with torch.no_grad():  # huge log-scale outputs (rows dim, ..., 2 dim - 1 of the parameter-major output layer)
+    # huge log-scale outputs: rows dim, ..., 2 dim - 1 of the parameter-major output layer
+    with torch.no_grad():
         for p in flow.made.output_layer.parameters():
             p[dim:].mul_(1e6)
     x = randn(100, dim, seed=2, scale=3.0)
