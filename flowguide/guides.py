@@ -39,8 +39,9 @@ guide                     default flow
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyro.distributions as dist
 import torch
@@ -49,7 +50,7 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
-from torch.distributions import biject_to
+from torch.distributions import Transform, biject_to
 
 from .transforms import (
     AffineAutoregressive,
@@ -78,6 +79,9 @@ __all__ = [
 FlowFactory = Callable[[int], Flow]
 
 
+_LOG_2PI = math.log(2 * math.pi)
+
+
 def default_hidden(dim: int) -> tuple[int, int]:
     """The conditioners' default hidden widths for ``dim`` latent dimensions:
     two layers of ``clip(4 * dim, 32, 512)``."""
@@ -101,27 +105,61 @@ def constrain_latent(
     """
     single = latent.dim() == 1
     n = 1 if single else latent.shape[0]
-    # Pyro's unpacking wants the draw dim left of the plate dims
-    packed = latent if single else latent.reshape(n, *(1,) * nesting, latent.shape[-1])
     values: dict[str, Tensor] = {}
     draws: dict[str, Tensor] = {}
-    log_jac = latent.new_zeros(() if single else (n,))
-    for site, unconstrained in guide._unpack_latent(packed):
-        name, shape = site["name"], site["value"].shape
-        if not single:
-            unconstrained = unconstrained.reshape(n, *guide._unconstrained_shapes[name])
-        t = biject_to(site["fn"].support)
-        value = t(unconstrained)
-        jac = torch.as_tensor(t.log_abs_det_jacobian(unconstrained, value))
+    log_jac: Tensor | None = None
+    for site in _latent_sites(guide):
+        chunk = latent[..., site.start : site.stop]
+        unconstrained = chunk.reshape(
+            site.unconstrained_shape if single else (n, *site.unconstrained_shape)
+        )
+        value = site.transform(unconstrained)
+        jac = torch.as_tensor(site.transform.log_abs_det_jacobian(unconstrained, value))
         if single:
-            log_jac = log_jac + jac.sum()
-            values[name] = draws[name] = value
-            continue
-        log_jac = log_jac + (jac.reshape(n, -1).sum(-1) if jac.dim() else jac.expand(n))
-        batch_dims = len(shape) - site["fn"].event_dim
-        values[name] = value.reshape(n, *(1,) * max(nesting - batch_dims, 0), *shape)
-        draws[name] = value.reshape(n, *shape)
+            jac = jac.sum()
+            values[site.name] = draws[site.name] = value
+        else:
+            jac = jac.reshape(n, -1).sum(-1) if jac.dim() else jac.expand(n)
+            values[site.name] = value.reshape(
+                n, *(1,) * max(nesting - site.batch_dims, 0), *site.shape
+            )
+            draws[site.name] = value.reshape(n, *site.shape)
+        log_jac = jac if log_jac is None else log_jac + jac
+    if log_jac is None:
+        log_jac = latent.new_zeros(() if single else (n,))
     return values, draws, log_jac
+
+
+class _LatentSite(NamedTuple):
+    name: str
+    start: int
+    stop: int
+    unconstrained_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    batch_dims: int
+    transform: Transform
+
+
+def _latent_sites(guide: AutoContinuous) -> list[_LatentSite]:
+    """Where each latent site sits in a packed latent vector, its shapes and its ``biject_to``
+    map: read off the guide's prototype trace (as Pyro's ``_unpack_latent`` does, supports
+    included), at once rather than site by site at every call."""
+    prototype = guide.prototype_trace
+    plan = guide.__dict__.get("_flowguide_sites")
+    if plan is not None and plan[0] is prototype:
+        return plan[1]
+    sites, pos = [], 0
+    for name, site in prototype.iter_stochastic_nodes():
+        unconstrained_shape = tuple(guide._unconstrained_shapes[name])
+        size = math.prod(unconstrained_shape)
+        shape = tuple(site["value"].shape)
+        batch_dims = len(shape) - site["fn"].event_dim
+        t = biject_to(site["fn"].support)
+        sites.append(_LatentSite(name, pos, pos + size, unconstrained_shape, shape, batch_dims, t))
+        pos += size
+    # keyed by the prototype trace itself: a new set-up (a new prototype) rebuilds it
+    guide.__dict__["_flowguide_sites"] = (prototype, sites)
+    return sites
 
 
 def plate_nesting(trace: poutine.Trace, ignore: tuple[str, ...] = ()) -> int:
@@ -310,10 +348,14 @@ class AutoFlow(AutoContinuous):
             )
         with self._pyro_context if register else contextlib.nullcontext():
             transform = self.get_transform()
-            base = self.get_base_dist()
-        eps = base.rsample(() if num_samples is None else (num_samples,))
-        z, ladj = transform.forward_and_log_abs_det(eps)
-        return z, base.log_prob(eps) - ladj
+        # the base N(0, I) drawn and scored directly (no Distribution object per call), and the
+        # flow's fused pass called without the transform cache: a fresh draw never hits it
+        loc = self.affine.loc
+        shape = (self.latent_dim,) if num_samples is None else (num_samples, self.latent_dim)
+        eps = torch.randn(shape, dtype=loc.dtype, device=loc.device)
+        z, ladj = transform._forward_ladj(eps, None)
+        log_base = eps.square().sum(-1).mul(-0.5) - 0.5 * self.latent_dim * _LOG_2PI
+        return z, log_base - ladj
 
     # -- summaries by Monte Carlo (a flow has no closed-form quantiles) ------------------------
     @torch.no_grad()
