@@ -9,8 +9,8 @@ r"""Radial flows (Rezende & Mohamed 2015), with an analytic inverse.
         + \log\left(1 + \frac{\alpha\beta}{(\alpha + r)^2}\right).
 
 Invertibility needs :math:`\beta \ge -\alpha`. We use :math:`\alpha = \mathrm{softplus}(a)` and
-:math:`\beta = \alpha\, m(c)` with the shifted softplus :math:`m(c) > -1`, :math:`m(0) = 0`, so
-:math:`\beta > -\alpha` always and :math:`c = 0` is the identity.
+:math:`\alpha + \beta = \mathrm{softplus}(b)`, so :math:`\beta > -\alpha` always, and
+:math:`a = b` (both 0 at the start) is the identity.
 
 Inverse: :math:`y - x_0 = (1 + \beta h(r))(x - x_0)` is parallel to :math:`x - x_0`, and
 :math:`\rho = \lVert y - x_0 \rVert = r (1 + \beta / (\alpha + r))` gives the quadratic
@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Flow, _Parameters
-from .planar import _SHIFT
 
 __all__ = ["Radial"]
 
@@ -68,40 +67,42 @@ class Radial(Flow):
         init = torch.cat([torch.randn(dim), torch.zeros(2)])
         self.params = _Parameters(init, context_dim, hidden, activation)
 
-    def _split(self, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Return :math:`x_0`, :math:`\alpha`, :math:`\alpha + \beta` and :math:`-\beta`, the
-        last three with a trailing axis of size 1 (they broadcast against ``(..., dim)``)."""
-        raw = self.params(context)
-        x0, a, c = raw.split((self.dim, 1, 1), dim=-1)
-        alpha = F.softplus(a)
-        alpha_beta = alpha * F.softplus(c + _SHIFT).clamp_min(torch.finfo(c.dtype).tiny)
-        return x0, alpha, alpha_beta, alpha - alpha_beta
+    def _split(self, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Return :math:`x_0`, :math:`\alpha` and :math:`\alpha + \beta`, the last two with a
+        trailing axis of size 1 (they broadcast against ``(..., dim)``)."""
+        raw = self.params.raw if context is None else self.params(context)
+        x0, ab = raw.split((self.dim, 2), dim=-1)
+        # one softplus for both; floored so that neither underflows to 0
+        alpha, alpha_beta = F.softplus(ab).clamp_min(torch.finfo(ab.dtype).tiny).split(1, dim=-1)
+        return x0, alpha, alpha_beta
 
-    def _ladj(self, r: Tensor, neg_t: Tensor, a_r: Tensor, ab_r: Tensor) -> Tensor:
-        # 1 + beta h(r) = (alpha + beta + r) / (alpha + r), a ratio of positive terms (no
-        # cancellation as beta -> -alpha; exactly 1 at beta = 0), and
-        # 1 + beta h + beta h' r = (1 + beta h) (1 - beta r / ((alpha + r)(alpha + beta + r)))
-        # with -beta / (alpha + r) = neg_t, the factor that moves x
-        ladj = self.dim * torch.log(ab_r / a_r) + torch.log1p(neg_t * r / ab_r)
+    def _ladj(self, r: Tensor, neg_t: Tensor, ratio: Tensor, ab_r: Tensor) -> Tensor:
+        # 1 + beta h(r) = (alpha + beta + r) / (alpha + r) = ratio, a ratio of positive terms
+        # (no cancellation as beta -> -alpha; exactly 1 at beta = 0), and
+        # 1 + beta h + beta h' r = ratio (1 - beta r / ((alpha + r)(alpha + beta + r)))
+        # with -beta / (alpha + r) = 1 - ratio = neg_t, the factor that moves x
+        ladj = torch.add(torch.log1p(neg_t * r / ab_r), torch.log(ratio), alpha=self.dim)
         return ladj.squeeze(-1)
 
     def _forward_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        x0, alpha, alpha_beta, neg_beta = self._split(context)
+        x0, alpha, alpha_beta = self._split(context)
         diff = x - x0
         r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
-        a_r = alpha + r
-        neg_t = neg_beta / a_r
+        ab_r = alpha_beta + r
+        ratio = ab_r / (alpha + r)
+        neg_t = 1 - ratio
         y = torch.addcmul(x, neg_t, diff, value=-1)
-        return y, self._ladj(r, neg_t, a_r, alpha_beta + r)
+        return y, self._ladj(r, neg_t, ratio, ab_r)
 
     def _inverse_ladj(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        x0, alpha, alpha_beta, neg_beta = self._split(context)
+        x0, alpha, alpha_beta = self._split(context)
         diff = y - x0
         rho = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
         p = alpha_beta - rho
         root = torch.sqrt(p * p + 4 * alpha * rho)
         r = torch.where(p >= 0, 2 * alpha * rho / (p + root), 0.5 * (root - p))
         a_r, ab_r = alpha + r, alpha_beta + r
-        # x - x0 = (y - x0) (alpha + r) / (alpha + beta + r)
-        x = torch.addcmul(y, neg_beta / ab_r, diff)
-        return x, self._ladj(r, neg_beta / a_r, a_r, ab_r)
+        # x - x0 = (y - x0) (alpha + r) / (alpha + beta + r), so x = y - beta (y - x0) / ab_r
+        x = torch.addcmul(y, (alpha - alpha_beta) / ab_r, diff)
+        ratio = ab_r / a_r
+        return x, self._ladj(r, 1 - ratio, ratio, ab_r)
