@@ -134,7 +134,11 @@ def main(argv: list[str] | None = None) -> str:
                 functools.partial(AutoIAFNormal, hidden_dim=hidden, num_transforms=layers),
             ),
             "NSF": (
-                functools.partial(fg.AutoNeuralSpline, num_flows=layers, hidden=hidden),
+                # equal architecture: Pyro's spline layers only (no closing affine layer), and
+                # Pyro's bound of 3
+                functools.partial(
+                    fg.AutoNeuralSpline, num_flows=layers, hidden=hidden, bound=3.0, affine=False
+                ),
                 functools.partial(
                     AutoNormalizingFlow,
                     init_transform_fn=functools.partial(
