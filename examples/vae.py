@@ -27,10 +27,21 @@ Outputs, in ``--output``: ``results.md`` (the table), ``results.json``, ``sample
 written atomically after every epoch; a rerun with the same settings resumes, and a larger
 ``--epochs`` trains further).
 
+Data-parallel training: launched by ``torchrun`` with more than one process (or with
+``--distributed``), every process trains on its shard of each global batch (``--batch-size`` is
+the global batch, split evenly, so it must be a multiple of the number of processes) and
+``DistributedDataParallel`` averages the gradients (``gloo`` on CPUs, ``nccl`` on GPUs, see
+:mod:`flowguide.distributed`). The batches come from a seeded permutation per epoch and the
+reparameterisation noise from a generator seeded per step, drawn for the global batch and sliced
+per process, so the loss curve is the one a single process with ``--distributed`` gets (up to
+rounding; with ``--objective dreg`` the noise is per process, so the curves agree only in
+distribution). Rank 0 prints, evaluates and writes the results and checkpoints.
+
 Examples::
 
     python examples/vae.py --epochs 3 --latent-dim 32 --output vae-results
     python examples/vae.py --smoke --synthetic --output vae-smoke      # CI, < 1 minute
+    torchrun --standalone --nproc_per_node=4 examples/vae.py --epochs 3 --output vae-ddp
 
 References: Kingma & Welling 2014 (arXiv:1312.6114); Rezende & Mohamed 2015 (arXiv:1505.05770);
 Kingma et al. 2016 (arXiv:1606.04934); van den Berg et al. 2018 (arXiv:1803.05649); Durkan et al.
@@ -56,6 +67,8 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import Message
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,10 +79,21 @@ from flowguide.amortized import (  # noqa: E402
     dreg_loss,
     importance_weighted_log_likelihood,
 )
+from flowguide.distributed import (  # noqa: E402
+    BACKENDS,
+    DistributedContext,
+    ShardedBatches,
+    init_distributed,
+    launched_by_torchrun,
+    parameter_spread,
+    shard_slice,
+    step_seed,
+)
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "binarized_mnist_static.npz"
 POSTERIORS = {"diagonal": None, "planar": "planar", "radial": "radial", "iaf": "iaf", "nsf": "nsf"}
 CHECKPOINT_FORMAT = "flowguide-vae-example-v1"
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -106,26 +130,52 @@ def mlp(sizes: list[int], last_activation: bool) -> nn.Sequential:
 class VAE:
     """The decoder, the Pyro model, its log-joint, and the autoguide with its encoder."""
 
-    def __init__(self, flow: str | None, pixels: int, args: argparse.Namespace) -> None:
+    def __init__(
+        self,
+        flow: str | None,
+        pixels: int,
+        args: argparse.Namespace,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> None:
         d, h = args.latent_dim, args.hidden
         self.latent_dim, self.batch_size = d, args.batch_size
-        self.decoder = mlp([d, h, h, pixels], last_activation=False)
+        self.dtype, self.device = dtype, device or torch.device("cpu")
+        self.decoder = mlp([d, h, h, pixels], last_activation=False).to(self.device, dtype)
         encoder = mlp([pixels, h, h], last_activation=True)  # features; flowguide adds heads
         self.guide = AutoAmortizedFlow(
-            self.model, encoder, flow=flow, num_flows=args.num_flows.get(flow)
+            self.model,
+            encoder.to(self.device, dtype),
+            flow=flow,
+            num_flows=args.num_flows.get(flow),
+            create_plates=self.data_plate,
         )
 
-    def model(self, x: Tensor, beta: float = 1.0) -> None:
+    def data_plate(self, x: Tensor, beta: float = 1.0, idx: Tensor | None = None) -> pyro.plate:
+        """The data plate: a random subsample of ``batch_size`` data, or the given indices
+        (one process's shard of a global batch in data-parallel training). Either way Pyro
+        scales the plate's log-densities by ``len(x) / subsample size``."""
+        if idx is None:
+            return pyro.plate("data", len(x), subsample_size=min(self.batch_size, len(x)))
+        return pyro.plate("data", len(x), subsample=idx)
+
+    def model(self, x: Tensor, beta: float = 1.0, idx: Tensor | None = None) -> None:
         pyro.module("decoder", self.decoder)
         prior = dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1)
-        with pyro.plate("data", len(x), subsample_size=min(self.batch_size, len(x))) as idx:
+        with self.data_plate(x, beta, idx) as i:
             with poutine.scale(scale=beta):
                 z = pyro.sample("z", prior)
-            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x[idx])
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x[i])
 
-    def scaled_guide(self, x: Tensor, beta: float = 1.0) -> dict[str, Tensor]:
+    def scaled_guide(
+        self, x: Tensor, beta: float = 1.0, idx: Tensor | None = None
+    ) -> dict[str, Tensor]:
         with poutine.scale(scale=beta):  # KL warm-up: beta (log q - log p(z))
-            return self.guide(x, beta)
+            return self.guide(x, beta, idx)
+
+    def cast(self, x: Tensor) -> Tensor:
+        """Data on this VAE's device, in its dtype."""
+        return x.to(self.device, self.dtype)
 
     def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
         prior = dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
@@ -133,6 +183,59 @@ class VAE:
 
     def modules(self) -> list[nn.Module]:
         return [self.decoder, self.guide]
+
+
+# -- data-parallel training --------------------------------------------------------------------
+class GivenNoise(Messenger):
+    """Makes the guide's draw at site ``name`` from given standard-normal noise ``eps``: the
+    reparameterised draw ``rsample`` would make, ``transforms(loc + eps * scale)``, with the
+    noise chosen by the caller. The data-parallel loop draws each global batch's noise once,
+    from a generator seeded by the step, and hands every process its slice."""
+
+    def __init__(self, name: str, eps: Tensor) -> None:
+        super().__init__()
+        self.name, self.eps = name, eps
+
+    def _pyro_sample(self, msg: Message) -> None:
+        if msg["name"] != self.name or msg["is_observed"] or msg["value"] is not None:
+            return
+        q = msg["fn"]
+        transforms = list(q.transforms) if isinstance(q, dist.TransformedDistribution) else []
+        base = q.base_dist if isinstance(q, dist.TransformedDistribution) else q
+        while isinstance(base, dist.Independent):
+            base = base.base_dist
+        if not isinstance(base, dist.Normal) or base.loc.shape != self.eps.shape:
+            raise ValueError(
+                f"GivenNoise({self.name!r}) needs a (transformed) Normal of shape "
+                f"{tuple(self.eps.shape)} at that site, got {q}"
+            )
+        z = base.loc + self.eps * base.scale  # as Normal.rsample
+        for t in transforms:
+            z = t(z)  # fills the flow's cache: log_prob reuses the forward pass's log-det
+        msg["value"] = z
+
+
+class ShardLoss(nn.Module):
+    """One process's training loss as a module, the unit ``DistributedDataParallel`` wraps (it
+    averages the gradients over the processes in the backward pass of its ``forward``).
+
+    ``forward(x, idx, eps, beta)`` is the mean loss over the shard ``x[idx]``: with the plate's
+    subsample ``idx``, Pyro scales the data terms by ``len(x) / len(idx)``, so the ELBO divided
+    by ``len(x)`` is the mean over the shard; the mean of equal shards' means is the mean over
+    the global batch, and so is the averaged gradient."""
+
+    def __init__(self, vae: VAE, args: argparse.Namespace) -> None:
+        super().__init__()
+        self.decoder, self.guide = vae.decoder, vae.guide  # the trainable parameters
+        self.vae = vae
+        self.objective, self.iw_train = args.objective, args.iw_train
+        self.elbo = Trace_ELBO()
+
+    def forward(self, x: Tensor, idx: Tensor, eps: Tensor, beta: float) -> Tensor:
+        if self.objective == "dreg":
+            return dreg_loss(self.vae.log_joint, self.guide.posterior, x[idx], self.iw_train)
+        guide = GivenNoise("z", eps)(self.vae.scaled_guide)
+        return self.elbo.differentiable_loss(self.vae.model, guide, x, beta, idx) / len(x)
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -176,13 +279,19 @@ def train_one(
     data: dict[str, Tensor],
     args: argparse.Namespace,
     out: Path,
+    ctx: DistributedContext | None = None,
 ) -> tuple[VAE, dict[str, Any]]:
+    """Train one posterior: the single-process loop (Pyro draws the subsample and the noise)
+    for ``ctx=None``, else the data-parallel loop (any world size, one included)."""
     flow = POSTERIORS[name]
+    main = ctx is None or ctx.is_main
+    say = print if ctx is None else ctx.print
     pyro.clear_param_store()
     torch.manual_seed(args.seed)
     pyro.set_rng_seed(args.seed)
-    x_train, x_valid = data["train"], data["curve"]
-    vae = VAE(flow, x_train.shape[1], args)
+    dtype = DTYPES[args.dtype]
+    vae = VAE(flow, data["train"].shape[1], args, dtype, None if ctx is None else ctx.device)
+    x_train, x_valid = vae.cast(data["train"]), vae.cast(data["curve"])
     vae.guide.setup(x_train, 1.0)
     params = list({id(p): p for m in vae.modules() for p in m.parameters()}.values())
     optimizer = torch.optim.Adam(params, lr=args.lr)
@@ -192,14 +301,21 @@ def train_one(
     }
     config |= {"posterior": name, "objective": args.objective, "data": args.data_name}
     config |= {"train_size": len(x_train), "num_flows": str(args.num_flows.get(flow))}
+    if args.dtype != "float32":
+        config["dtype"] = args.dtype
+    if ctx is not None:  # sharded epoch permutations and per-step noise, whatever the world size
+        config["data_parallel"] = True
     path = out / "checkpoints" / f"{name}.pt"
-    state = None if args.restart else load_checkpoint(path, config)
+    state = None if args.restart or not main else load_checkpoint(path, config)
+    if ctx is not None:
+        state = ctx.broadcast_object(state)  # rank 0 read it; every rank resumes from it
     history: dict[str, list[float]] = {
         "train_loss": [],  # per epoch
         "valid_elbo": [],  # per epoch
         "epoch_seconds": [],
         "curve_step": [],  # the training loss averaged over every 50 steps
         "curve_loss": [],
+        "step_loss": [],  # every step's loss (of the global batch)
     }
     start = 0
     if state is not None:
@@ -208,28 +324,45 @@ def train_one(
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         history, start = state["history"], int(state["epoch"])
-        print(f"  resuming {name} after epoch {start}")
+        history.setdefault("step_loss", [])
+        say(f"  resuming {name} after epoch {start}")
     n = len(x_train)
-    steps = max(1, n // args.batch_size)
+    if ctx is None:
+        steps = max(1, n // args.batch_size)
+    else:
+        batches = ShardedBatches(n, args.batch_size, ctx.rank, ctx.world_size, seed=args.seed)
+        steps = len(batches)
+        trainer = ctx.wrap(ShardLoss(vae, args))
     warmup = max(1, round(args.warmup_epochs * steps))
     elbo = Trace_ELBO()
     window, count = 0.0, 0
     for epoch in range(start, args.epochs):
-        bar = progress(steps, f"{name} epoch {epoch + 1}/{args.epochs}", args.progress)
+        desc = f"{name} epoch {epoch + 1}/{args.epochs}"
+        bar = progress(steps, desc, args.progress and main)
         total, t0 = 0.0, time.perf_counter()
         for i in range(steps):
             step = epoch * steps + i
-            if args.objective == "dreg":
+            beta = min(1.0, (step + 1) / warmup)
+            if ctx is not None:
+                idx = batches.indices(step).to(vae.device)
+                g = torch.Generator().manual_seed(step_seed(args.seed, step, "noise"))
+                eps = torch.randn(args.batch_size, vae.latent_dim, generator=g, dtype=dtype)
+                if args.objective == "dreg":  # dreg_loss draws its own noise: per process
+                    torch.manual_seed(step_seed(args.seed, step, f"dreg-rank{ctx.rank}"))
+                loss = trainer(x_train, idx, ctx.shard(eps).to(vae.device), beta)
+            elif args.objective == "dreg":
                 idx = torch.randint(n, (args.batch_size,))
                 loss = dreg_loss(vae.log_joint, vae.guide.posterior, x_train[idx], args.iw_train)
             else:
-                beta = min(1.0, (step + 1) / warmup)
                 loss = elbo.differentiable_loss(vae.model, vae.scaled_guide, x_train, beta) / n
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item()
-            window, count = window + loss.item(), count + 1
+            # the global batch's loss: the mean of the processes' shard means
+            value = loss.item() if ctx is None else ctx.all_reduce_mean(loss).item()
+            total += value
+            history["step_loss"].append(value)
+            window, count = window + value, count + 1
             if (step + 1) % 50 == 0:
                 history["curve_step"].append(step + 1)
                 history["curve_loss"].append(window / count)
@@ -237,18 +370,25 @@ def train_one(
             if bar is not None:
                 bar.update(1)
                 if i % 20 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.2f}")
+                    bar.set_postfix(loss=f"{value:.2f}")
         seconds = time.perf_counter() - t0
         if bar is not None:
             bar.close()
+        agree = ""
+        if ctx is not None:
+            spread = parameter_spread(params)  # 0 when the processes stayed in sync
+            history.setdefault("rank_spread", []).append(spread)
+            agree = f", parameters agree across {ctx.world_size} processes to {spread:.1e}"
+        if not main:
+            continue  # rank 0 evaluates and writes
         torch.manual_seed(args.seed + epoch)
         valid = evaluate(vae, x_valid, 1).mean().item()
         history["train_loss"].append(total / steps)
         history["valid_elbo"].append(valid)
         history["epoch_seconds"].append(seconds)
-        print(
+        say(
             f"  {name} epoch {epoch + 1}: train loss {total / steps:.2f}, "
-            f"held-out -ELBO {-valid:.2f}, {seconds:.1f} s"
+            f"held-out -ELBO {-valid:.2f}, {seconds:.1f} s{agree}"
         )
         atomic_save(
             {
@@ -306,7 +446,7 @@ def figures(
     cols = 10
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(cols, next(iter(vaes.values())).latent_dim, generator=g)
-    samples = torch.stack([torch.sigmoid(vaes[n].decoder(z)) for n in names])
+    samples = torch.stack([torch.sigmoid(vaes[n].decoder(vaes[n].cast(z))).cpu() for n in names])
     fig, ax = plt.subplots(figsize=(cols * 0.8, len(names) * 0.9))
     ax.imshow(grid(samples, shape), cmap="gray_r", vmin=0, vmax=1)
     ax.set_yticks([(shape[0] + 1) * (i + 0.5) for i in range(len(names))], names)
@@ -321,7 +461,8 @@ def figures(
     rows = [x]
     for n in names:
         posterior = vaes[n].guide.posterior
-        rows.append(torch.sigmoid(vaes[n].decoder(posterior(x).sample())))
+        z = posterior(vaes[n].cast(x)).sample()
+        rows.append(torch.sigmoid(vaes[n].decoder(z)).to("cpu", x.dtype))
     fig, ax = plt.subplots(figsize=(cols * 0.8, (len(names) + 1) * 0.9))
     ax.imshow(grid(torch.stack(rows), shape), cmap="gray_r", vmin=0, vmax=1)
     ax.set_yticks([(shape[0] + 1) * (i + 0.5) for i in range(len(names) + 1)], ["data", *names])
@@ -380,7 +521,22 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--restart", action="store_true", help="ignore existing checkpoints")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel training (implied under torchrun with more than one process)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default=None,
+        help="torch.distributed backend (default: nccl with CUDA, else gloo)",
+    )
     args = p.parse_args(argv)
+    world = os.environ.get("WORLD_SIZE", "1")
+    world_size = int(world) if world.isdigit() and launched_by_torchrun() else 1
+    args.distributed = args.distributed or world_size > 1
     if args.smoke:
         args.epochs = min(args.epochs, 1)
         args.train_size = min(args.train_size or 600, 600)
@@ -393,6 +549,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.posteriors.split(",")) - set(POSTERIORS)
     if unknown:
         p.error(f"unknown posteriors {sorted(unknown)}; choose from {list(POSTERIORS)}")
+    if args.distributed:
+        try:  # --batch-size is the global batch: an equal share per process
+            shard_slice(args.batch_size, 0, world_size)
+        except ValueError as error:
+            p.error(f"--batch-size {args.batch_size}: {error}")
     args.num_flows = {f: args.flows for f in POSTERIORS.values() if f is not None}
     return args
 
@@ -401,11 +562,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     torch.set_num_threads(args.threads)
+    ctx = init_distributed(args.backend) if args.distributed else None
+    try:
+        study(args, ctx)
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def study(args: argparse.Namespace, ctx: DistributedContext | None) -> None:
+    main = ctx is None or ctx.is_main
+    say = print if ctx is None else ctx.print
+    args.world_size = 1 if ctx is None else ctx.world_size
     out: Path = args.output
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     if args.synthetic or not args.data.exists():
         if not args.synthetic:
-            print(f"{args.data} not found: using the synthetic data set")
+            say(f"{args.data} not found: using the synthetic data set")
         data, shape = make_synthetic(args.seed)
         args.data_name = "synthetic 8x8 binary (2000 train / 500 test)"
     else:
@@ -418,10 +592,11 @@ def main(argv: list[str] | None = None) -> None:
     # the test set is sorted by class: seeded random subsets, never "the first N"
     data["curve"] = data["valid"][torch.randperm(len(data["valid"]), generator=g)[:1000]]
     nll_idx = torch.randperm(len(data["test"]), generator=g)[: args.nll_size]
-    print(
+    say(
         f"data: {args.data_name}; train {len(data['train'])}, test {len(data['test'])}; "
         f"latent {args.latent_dim}, hidden {args.hidden}, {args.epochs} epochs, "
         f"objective {args.objective}"
+        + ("" if ctx is None else f"; data-parallel over {ctx.world_size} process(es)")
     )
 
     vaes: dict[str, VAE] = {}
@@ -429,11 +604,13 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[str, float]] = {}
     per_image: dict[str, Tensor] = {}
     for name in args.posteriors.split(","):
-        vae, history = train_one(name, data, args, out)
+        vae, history = train_one(name, data, args, out, ctx)
+        if not main:
+            continue  # rank 0 evaluates and writes
         torch.manual_seed(args.seed)
         t0 = time.perf_counter()
-        neg_elbo = -evaluate(vae, data["test"], 1)
-        nll = -evaluate(vae, data["test"][nll_idx], args.iw_samples)
+        neg_elbo = -evaluate(vae, vae.cast(data["test"]), 1)
+        nll = -evaluate(vae, vae.cast(data["test"][nll_idx]), args.iw_samples)
         per_image[name] = nll
         seconds = history["epoch_seconds"]
         results[name] = {
@@ -446,18 +623,22 @@ def main(argv: list[str] | None = None) -> None:
             "guide_parameters": sum(p.numel() for p in vae.guide.parameters()),
             "epochs": len(seconds),
         }
+        if history.get("rank_spread"):
+            results[name]["rank_parameter_spread"] = history["rank_spread"][-1]
         if "diagonal" in per_image and name != "diagonal":
             # paired over the same test images: the image-to-image spread cancels
             diff = nll - per_image["diagonal"]
             results[name]["nll_minus_diagonal"] = diff.mean().item()
             results[name]["nll_minus_diagonal_se"] = standard_error(diff)
         test_elbo, nll_mean = -results[name]["test_neg_elbo"], results[name]["test_nll"]
-        print(f"  {name}: test -ELBO {-test_elbo:.2f}, NLL {nll_mean:.2f}")
+        say(f"  {name}: test -ELBO {-test_elbo:.2f}, NLL {nll_mean:.2f}")
         vaes[name], histories[name] = vae, history
 
+    if not main:
+        return
     write_table(results, args, len(data["test"]), out)
     figures(vaes, histories, data["test"], shape, out, args.seed)
-    print(f"wrote {out / 'results.md'} and figures in {out}")
+    say(f"wrote {out / 'results.md'} and figures in {out}")
 
 
 def standard_error(values: Tensor) -> float:
@@ -474,7 +655,10 @@ def write_table(
         f"hidden layers of {args.hidden} (softplus); batch {args.batch_size}; Adam, lr {args.lr}; "
         f"{args.epochs} epochs; objective {args.objective}"
         + (f" with {args.warmup_epochs} epochs of KL warm-up" if args.objective == "elbo" else "")
-        + f"; seed {args.seed}; {args.threads} CPU thread(s).",
+        + f"; seed {args.seed}; {args.threads} CPU thread(s)"
+        + (f" per process, data-parallel over {args.world_size}" if args.distributed else "")
+        + (f"; {args.dtype}" if args.dtype != "float32" else "")
+        + ".",
         "",
         f"Test -ELBO: all {n_test} test images, one sample each. NLL: importance sampling with "
         f"K = {args.iw_samples} samples per image on a seeded random subset of "

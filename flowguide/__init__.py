@@ -1,6 +1,6 @@
 """flowguide: normalizing-flow posteriors for Pyro."""
 
-from . import diagnostics, nn, transforms
+from . import diagnostics, distributed, nn, transforms
 from .amortized import AmortizedFlowPosterior, AutoAmortizedFlow
 from .guides import AutoFlow, AutoIAF, AutoNeuralSpline, AutoPlanar, AutoRadial
 from .neutra import ManyChainHMC, NeuTraMCMC, NeuTraPotential
@@ -40,6 +40,7 @@ __all__ = [
     "SplineCoupling",
     "__version__",
     "diagnostics",
+    "distributed",
     "fit",
     "nn",
     "transforms",
