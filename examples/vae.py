@@ -565,6 +565,10 @@ def main(argv: list[str] | None = None) -> None:
     ctx = init_distributed(args.backend) if args.distributed else None
     try:
         study(args, ctx)
+        if ctx is not None:
+            # leave together: a process that tears its group down while rank 0 still writes
+            # results can abort in gloo's connection threads ("terminate called ...")
+            ctx.barrier()
     finally:
         if ctx is not None:
             ctx.close()
