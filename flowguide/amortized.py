@@ -120,6 +120,18 @@ def build_conditional_flow(
 ) -> Compose:
     r"""A conditional flow of one of the :data:`FLOW_FAMILIES`, the identity at initialisation.
 
+    The flow is a :class:`~flowguide.transforms.Compose` of ``num_flows`` layers
+    :math:`f_h = f^{(L)}_h \circ \dots \circ f^{(1)}_h`, each reading the context :math:`h`, so
+    :math:`\log|\det J_{f_h}| = \sum_l \log|\det J_{f^{(l)}_h}|`:
+
+    * ``"planar"``, ``"radial"``: :class:`~flowguide.transforms.Planar` or
+      :class:`~flowguide.transforms.Radial` layers whose parameters an MLP of :math:`h` gives;
+    * ``"iaf"``: :class:`~flowguide.transforms.AffineAutoregressive` layers,
+      :math:`z_i \mapsto \mu_i(z_{<i}, h) + e^{s_i(z_{<i}, h)} z_i`, on a MADE that also reads
+      :math:`h`, the order reversed every other layer;
+    * ``"nsf"``: :class:`~flowguide.transforms.SplineAutoregressive` layers, the same with a
+      rational-quadratic spline for the affine map.
+
     Args:
         family: ``"planar"``, ``"radial"``, ``"iaf"`` or ``"nsf"``.
         latent_dim: the latent dimension :math:`D`.
@@ -129,6 +141,12 @@ def build_conditional_flow(
             :func:`~flowguide.guides.default_hidden`), the parameter MLP's of each planar or
             radial layer (default one layer of the same width).
         bins, bound: the spline's bins and half-width (``"nsf"`` only).
+
+    References: Rezende & Mohamed 2015, "Variational Inference with Normalizing Flows",
+    arXiv:1505.05770 (planar, radial); Kingma et al. 2016, "Improved Variational Inference with
+    Inverse Autoregressive Flow", arXiv:1606.04934 (IAF); Germain et al. 2015, "MADE: Masked
+    Autoencoder for Distribution Estimation", arXiv:1502.03509; Durkan et al. 2019, "Neural
+    Spline Flows", arXiv:1906.04032 (NSF).
 
     Example:
         >>> flow = build_conditional_flow("planar", 3, context_dim=4, num_flows=2)
@@ -173,7 +191,14 @@ def build_conditional_flow(
 
 class AmortizedFlowPosterior(nn.Module):
     r"""An amortized posterior :math:`q(z \mid x)`: a diagonal Gaussian encoder shaped by a
-    conditional flow (see the module docstring for the construction and the math).
+    conditional flow (see the module docstring for the construction).
+
+    .. math::
+
+        z = f_{h(x)}(z_0), \quad z_0 \sim \mathcal{N}\big(\mu(x), \operatorname{diag}
+        \sigma(x)^2\big), \qquad \log q(z \mid x) = \log \mathcal{N}\big(z_0; \mu(x),
+        \operatorname{diag} \sigma(x)^2\big) - \log\left|\det \frac{\partial f_{h(x)}}
+        {\partial z_0}\right|.
 
     The encoder interface: ``encoder`` is any ``nn.Module`` that maps a batch of data of shape
     ``(B, *data_shape)`` to a batch of feature vectors of shape ``(B, feature_dim)`` (an MLP, a
@@ -207,6 +232,11 @@ class AmortizedFlowPosterior(nn.Module):
         hidden, bins, bound: the flow's conditioner widths and spline settings, see
             :func:`build_conditional_flow`.
         min_scale: the floor of :math:`\sigma`.
+
+    References: Kingma & Welling 2014, "Auto-Encoding Variational Bayes", arXiv:1312.6114 (the
+    amortized Gaussian encoder); Rezende & Mohamed 2015, "Variational Inference with Normalizing
+    Flows", arXiv:1505.05770, and Kingma et al. 2016, "Improved Variational Inference with Inverse
+    Autoregressive Flow", arXiv:1606.04934 (flows conditioned on the datum).
 
     Example:
         >>> encoder = nn.Sequential(nn.Linear(6, 16), nn.ReLU())
@@ -610,6 +640,9 @@ def importance_weighted_log_likelihood(
         indices: the Pyro form only: which data of the plate to score.
         progress: show a progress bar over the data.
 
+    Reference: Burda, Grosse & Salakhutdinov 2016, "Importance Weighted Autoencoders",
+    arXiv:1509.00519.
+
     Example:
         >>> posterior = AmortizedFlowPosterior(nn.Identity(), 1, flow=None, feature_dim=1)
         >>> def log_joint(x, z):
@@ -722,7 +755,14 @@ class AutoAmortizedFlow(AutoGuide):
     map. Global latent sites (outside the data plate), if any, get ``global_guide`` (default a
     flowguide :class:`~flowguide.guides.AutoIAF`) on the model with the local sites hidden
     (``poutine.block``). Works with ``SVI(model, guide, optim, Trace_ELBO())``, subsampling and
-    vectorized particles, and with :func:`importance_weighted_log_likelihood`.
+    vectorized particles, and with :func:`importance_weighted_log_likelihood`. With global
+    latents :math:`\beta` and local ones :math:`z_n` the guide is
+
+    .. math::
+
+        q(\beta, z_{1:N} \mid x) = q(\beta) \prod_{n=1}^N q(z_n \mid x_n),
+
+    and only the subsample's :math:`z_n` are sampled at each call.
 
     The data plate: the plate the local sites sit in (all must share it and sit in no other
     plate). By default it is created at every call from the prototype's subsample size and the
@@ -745,6 +785,9 @@ class AutoAmortizedFlow(AutoGuide):
         global_guide: ``model -> AutoGuide`` for the global latents (default
             :class:`~flowguide.guides.AutoIAF`).
         create_plates: as in Pyro's autoguides.
+
+    Reference: Kingma & Welling 2014, "Auto-Encoding Variational Bayes", arXiv:1312.6114
+    (amortized inference with an encoder).
 
     Example:
         >>> def model(x):

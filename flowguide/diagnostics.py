@@ -116,12 +116,47 @@ _READINGS = {
 
 class VectorizationWarning(UserWarning):
     """The model could not be evaluated for a batch of draws at once, so it is evaluated one draw
-    at a time (correct, but slower)."""
+    at a time (correct, but slower).
+
+    Example:
+        A model that turns a sampled value into a Python float cannot take a batch of draws:
+
+        >>> import warnings
+        >>> import pyro, pyro.distributions as dist
+        >>> from flowguide import AutoIAF
+        >>> def model():
+        ...     x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        ...     pyro.factor("penalty", torch.tensor(-abs(float(x))))
+        >>> pyro.clear_param_store()
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _, log_w = log_importance_weights(model, AutoIAF(model), num_samples=5)
+        >>> log_w.shape, any(issubclass(w.category, VectorizationWarning) for w in caught)
+        (torch.Size([5]), True)
+    """
 
 
 class ImportanceWeightWarning(UserWarning):
-    """The importance weights are too heavy-tailed (Pareto :math:`\\hat k` "bad") for the result
-    to be trusted."""
+    r"""The importance weights are too heavy-tailed (Pareto :math:`\hat k` "bad", that is
+    :math:`\hat k \ge` :func:`khat_threshold`) for the result to be trusted.
+
+    Example:
+        A guide far narrower than the posterior gives weights with a very heavy tail:
+
+        >>> import warnings
+        >>> import pyro, pyro.distributions as dist
+        >>> from flowguide import AutoIAF
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(0.0, 10.0))
+        >>> pyro.clear_param_store()
+        >>> pyro.set_rng_seed(0)
+        >>> guide = AutoIAF(model, init_scale=0.1)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = importance_resample(model, guide, num_samples=200)
+        >>> any(issubclass(w.category, ImportanceWeightWarning) for w in caught)
+        True
+    """
 
 
 def _arviz() -> Any:
@@ -263,7 +298,17 @@ def log_importance_weights(
     batch_size: int = 256,
     **kwargs: Any,
 ) -> tuple[dict[str, Tensor], Tensor]:
-    r"""Draw from the guide and weigh the draws by the model.
+    r"""Draw from the guide and weigh the draws by the model: the importance weights of the guide
+    as a proposal for the posterior,
+
+    .. math::
+
+        \log w_s = \log p\big(x, T(u_s)\big) + \log\left|\det J_T(u_s)\right| - \log q(u_s),
+        \qquad u_s \sim q, \quad s = 1, \dots, S,
+
+    with :math:`u_s` the guide's unconstrained latent vector and :math:`T` the ``biject_to`` maps
+    to the sites' supports. Their mean estimates the ELBO; their tail is what :func:`psis_khat`
+    reads.
 
     Args:
         model: the Pyro model.
@@ -284,6 +329,9 @@ def log_importance_weights(
     A model that fails for a batch of draws, or gives the first draw a different log density
     than when it is evaluated alone, is evaluated one draw at a time, with a
     :class:`VectorizationWarning`. A model error that also happens for a single draw is raised.
+
+    Reference: Yao, Vehtari, Simpson & Gelman 2018, "Yes, but Did It Work?: Evaluating
+    Variational Inference", ICML, arXiv:1802.02538 (these weights as a check of a variational fit).
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -370,6 +418,18 @@ def _as_numpy(log_weights: Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
 def psis_smooth(log_weights: Tensor | np.ndarray | Sequence[float]) -> tuple[Tensor, float]:
     r"""Pareto smoothed importance sampling (ArviZ's ``psislw``, for independent draws).
 
+    The :math:`M = \lceil \min(S/5, 3\sqrt S) \rceil` largest of the :math:`S` weights are fitted
+    by a generalized Pareto distribution above the threshold :math:`u`, the largest weight not
+    among them,
+
+    .. math::
+
+        F(w) = 1 - \left(1 + \hat k\, \frac{w - u}{\hat\sigma}\right)^{-1/\hat k},
+
+    and replaced, in order, by its quantiles :math:`F^{-1}((m - \tfrac12) / M)`,
+    :math:`m = 1, \dots, M`, capped at the largest raw weight. The shape :math:`\hat k` estimates
+    the tail index of the weights: they have about :math:`1 / \hat k` finite moments.
+
     Args:
         log_weights: unnormalised log importance weights, a vector. ``-inf`` entries are weights
             of zero (draws outside the model's support); NaN and ``+inf`` raise ``ValueError``.
@@ -378,6 +438,9 @@ def psis_smooth(log_weights: Tensor | np.ndarray | Sequence[float]) -> tuple[Ten
         ``(smoothed, khat)``: the smoothed log weights normalised to ``logsumexp = 0``, as a
         float64 tensor, and the Pareto shape estimate :math:`\hat k` (``inf`` when the tail is
         too short to fit; ``-inf`` when the weights are all equal, to a relative ``1e-6``).
+
+    Reference: Vehtari, Simpson, Gelman, Yao & Gabry 2024, "Pareto Smoothed Importance
+    Sampling", JMLR 25(72), arXiv:1507.02646.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -413,6 +476,16 @@ def psis_smooth(log_weights: Tensor | np.ndarray | Sequence[float]) -> tuple[Ten
 def psis_khat(log_weights: Tensor | np.ndarray | Sequence[float]) -> float:
     r"""The Pareto shape estimate :math:`\hat k` of importance weights (see :func:`psis_smooth`
     and the module docstring for how to read it).
+
+    :math:`\hat k` is the shape of the generalized Pareto distribution fitted to the largest
+    weights; weights with :math:`P(W > w) \sim w^{-1/k}` have finite moments of order below
+    :math:`1/k`. Below 0.5 their variance is finite ("good"); from :func:`khat_threshold` on
+    (0.7 for large :math:`S`) importance sampling is unreliable ("bad"), see
+    :func:`khat_reading`.
+
+    References: Vehtari, Simpson, Gelman, Yao & Gabry 2024, "Pareto Smoothed Importance
+    Sampling", JMLR 25(72), arXiv:1507.02646; Yao, Vehtari, Simpson & Gelman 2018, "Yes, but Did
+    It Work?: Evaluating Variational Inference", ICML, arXiv:1802.02538.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -574,7 +647,20 @@ def check_fit(
     r"""Check a fitted guide by importance sampling: Pareto :math:`\hat k` and its reading, the
     PSIS effective sample size, and estimates of the log marginal likelihood and the ELBO.
 
-    Arguments as for :func:`log_importance_weights`.
+    Arguments as for :func:`log_importance_weights`. From its weights :math:`\log w_s`:
+
+    .. math::
+
+        \widehat{\mathrm{ELBO}} = \frac1S \sum_s \log w_s, \qquad
+        \log \hat Z = \log \frac1S \sum_s w_s, \qquad
+        \mathrm{ESS} = \Big(\sum_s \tilde w_s^2\Big)^{-1},
+
+    with :math:`\tilde w` the PSIS-smoothed weights normalised to sum to one, and :math:`\hat k`
+    read by :func:`khat_reading`.
+
+    References: Yao, Vehtari, Simpson & Gelman 2018, "Yes, but Did It Work?: Evaluating
+    Variational Inference", ICML, arXiv:1802.02538; Vehtari, Simpson, Gelman, Yao & Gabry 2024,
+    "Pareto Smoothed Importance Sampling", JMLR 25(72), arXiv:1507.02646.
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -610,7 +696,16 @@ def importance_resample(
 
     This corrects a guide that is close but biased (:math:`\hat k` "good" or "ok"); with a
     "bad" :math:`\hat k` it warns (:class:`ImportanceWeightWarning`), as a few draws then carry
-    nearly all the weight. NaN or ``+inf`` log weights raise ``ValueError``.
+    nearly all the weight. NaN or ``+inf`` log weights raise ``ValueError``. Each returned draw
+    is guide draw :math:`s` with probability
+
+    .. math::
+
+        \pi_s = \frac{\tilde w_s}{\sum_{j=1}^S \tilde w_j},
+
+    :math:`\tilde w` the PSIS-smoothed (or, with ``smooth=False``, raw) weights of
+    :func:`log_importance_weights`; as :math:`S` grows the draws' distribution tends to the
+    posterior.
 
     Args:
         num_samples: guide draws to weigh.
@@ -620,6 +715,10 @@ def importance_resample(
 
     Returns:
         the draws keyed by site name, each of shape ``(num_draws, *site_shape)``.
+
+    References: Rubin 1988, "Using the SIR algorithm to simulate posterior distributions",
+    Bayesian Statistics 3 (sampling/importance resampling); Vehtari, Simpson, Gelman, Yao & Gabry
+    2024, "Pareto Smoothed Importance Sampling", JMLR 25(72), arXiv:1507.02646.
 
     Example:
         >>> import pyro, pyro.distributions as dist

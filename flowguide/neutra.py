@@ -135,8 +135,18 @@ def _row_sum(value: Tensor, n: int) -> Tensor:
 
 
 class NeuTraPotential:
-    r"""The NeuTra potential energy :math:`U(\varepsilon)` of a model and a fitted flow guide
-    (see the module docstring), callable on base-space points.
+    r"""The NeuTra potential energy :math:`U(\varepsilon)` of a model and a fitted flow guide,
+    callable on base-space points:
+
+    .. math::
+
+        U(\varepsilon) = -\log p\big(x, c(z)\big) - \log\big|\det J_c(z)\big|
+            - \log\big|\det \partial T / \partial \varepsilon\big|, \qquad z = T(\varepsilon),
+
+    with :math:`T` the guide's flow (noise to packed unconstrained latents) and :math:`c` the
+    ``biject_to`` maps of the sites' supports (see the module docstring). :math:`e^{-U}` is the
+    posterior pulled back to the base space, close to :math:`\mathcal{N}(0, I)` when the guide
+    fits well.
 
     ``potential(eps)`` takes ``eps`` of shape ``(D,)`` (one model run) or ``(..., D)`` (one model
     run for all rows, in a vectorised plate left of the model's plates) and returns :math:`U` of
@@ -153,6 +163,9 @@ class NeuTraPotential:
         guide: an :class:`AutoFlow` fitted to it (set up with ``model_args`` if it is not yet).
         model_args, model_kwargs: the model's arguments.
         warn_unfitted: warn when the guide is still at its initialisation.
+
+    Reference: Hoffman et al. 2019, "NeuTra-lizing Bad Geometry in Hamiltonian Monte Carlo Using
+    Neural Transport", arXiv:1903.03704.
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -1086,6 +1099,13 @@ class ManyChainHMC(_Results):
     Per-draw statistics: ``diverging``, ``acceptance_rate`` (:math:`\alpha_c`), ``energy`` (the
     Hamiltonian of the state kept), ``step_size``, ``n_steps`` and ``lp``.
     ``num_grad_evals`` in :meth:`diagnostics` counts chains times batched calls.
+
+    References: Hoffman, Radul & Sountsov 2021, "An Adaptive-MCMC Scheme for Setting Trajectory
+    Lengths in Hamiltonian Monte Carlo", AISTATS 2021 (ChEES, jittered many-chain HMC);
+    Hoffman et al. 2019, "NeuTra-lizing Bad Geometry in Hamiltonian Monte Carlo Using Neural
+    Transport", arXiv:1903.03704 (the base-space potential); Hoffman & Gelman 2014, "The No-U-Turn
+    Sampler: Adaptively Setting Path Lengths in Hamiltonian Monte Carlo", JMLR 15,
+    arXiv:1111.4246 (dual averaging of the step size).
 
     Example:
         >>> import pyro, pyro.distributions as dist

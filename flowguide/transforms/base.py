@@ -161,6 +161,34 @@ class Flow(_TransformMethods, TransformModule):
 
     Subclasses implement ``_forward_ladj(x, context)`` and ``_inverse_ladj(y, context)``, each
     returning the output and :math:`\log|\det \partial y / \partial x|`, of shape ``x.shape[:-1]``.
+    Those are all a distribution needs: pushing a base density :math:`p_X` forward gives
+
+    .. math::
+
+        \log p_Y(y) = \log p_X\big(f^{-1}(y)\big)
+            - \log\left|\det \frac{\partial f}{\partial x}\right|_{x = f^{-1}(y)},
+
+    which ``pyro.distributions.TransformedDistribution`` computes from them.
+
+    Example:
+        A learnable shift :math:`y = x + b`, with log-det 0:
+
+        >>> import pyro.distributions as dist
+        >>> class Shift(Flow):
+        ...     def __init__(self, dim):
+        ...         super().__init__(dim)
+        ...         self.b = nn.Parameter(torch.ones(dim))
+        ...     def _forward_ladj(self, x, context):
+        ...         return x + self.b, x.new_zeros(x.shape[:-1])
+        ...     def _inverse_ladj(self, y, context):
+        ...         return y - self.b, y.new_zeros(y.shape[:-1])
+        >>> f = Shift(2)
+        >>> f(torch.zeros(2)).tolist(), f.inv(torch.tensor([3.0, 3.0])).tolist()
+        ([1.0, 1.0], [2.0, 2.0])
+        >>> base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+        >>> q = dist.TransformedDistribution(base, [f])
+        >>> bool(torch.allclose(q.log_prob(torch.ones(2)), base.log_prob(torch.zeros(2))))
+        True
     """
 
     domain = constraints.real_vector
@@ -244,10 +272,23 @@ class Flow(_TransformMethods, TransformModule):
 
 
 class BoundFlow(_TransformMethods, Transform):
-    """A flow bound to a context (or to another cache size): a plain torch ``Transform`` that
+    r"""A flow bound to a context (or to another cache size): a plain torch ``Transform`` that
     reads the flow's current parameters at every call, so it never goes stale.
 
-    Made by :meth:`Flow.condition` and :meth:`Flow.with_cache`.
+    Made by :meth:`Flow.condition` and :meth:`Flow.with_cache`. For a conditional flow
+    :math:`f(\cdot\,; c)` it is the map :math:`x \mapsto f(x; c)` at the bound context
+    :math:`c`; a context of shape ``(..., context_dim)`` broadcasts against the input's batch.
+
+    Example:
+        >>> from flowguide.transforms import Planar
+        >>> flow = Planar(2, context_dim=3)  # starts as the identity, whatever the context
+        >>> t = flow.condition(torch.zeros(4, 3))
+        >>> t
+        BoundFlow(Planar, context shape (4, 3))
+        >>> x = torch.ones(4, 2)
+        >>> y, ladj = t.forward_and_log_abs_det(x)
+        >>> bool(torch.equal(y, x)), ladj.shape
+        (True, torch.Size([4]))
     """
 
     domain = constraints.real_vector

@@ -66,7 +66,12 @@ class Planar(Flow):
         activation: the context network's activation.
         max_iter: the most Newton steps of the inverse.
 
-    Starts as the identity (:math:`u = 0`, :math:`b = 0`, small random :math:`w`).
+    Starts as the identity (:math:`u = 0`, :math:`b = 0`, small random :math:`w`). The log-det is
+    :math:`\log(1 + (1 - \tanh^2(w^\top x + b))\, w^\top \hat u)`, and :math:`w^\top \hat u > -1`
+    by construction, so every parameter value gives an invertible map.
+
+    Reference: Rezende & Mohamed 2015, "Variational Inference with Normalizing Flows",
+    arXiv:1505.05770 (the inverse is ours, see the module docstring).
 
     Example:
         >>> flow = Planar(3)

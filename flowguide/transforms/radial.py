@@ -44,7 +44,14 @@ class Radial(Flow):
         hidden: the context network's hidden widths.
         activation: the context network's activation.
 
-    Starts as the identity (:math:`\beta = 0`, a random centre :math:`x_0`).
+    Starts as the identity (:math:`\beta = 0`, a random centre :math:`x_0`). With
+    :math:`r = \lVert x - x_0 \rVert` the log-det is
+    :math:`(D - 1) \log(1 + \beta / (\alpha + r)) + \log(1 + \alpha\beta / (\alpha + r)^2)`;
+    :math:`\alpha > 0` and :math:`\alpha + \beta > 0` are built in, so the map is always
+    invertible, with a closed-form inverse.
+
+    Reference: Rezende & Mohamed 2015, "Variational Inference with Normalizing Flows",
+    arXiv:1505.05770 (the inverse is ours, see the module docstring).
 
     Example:
         >>> flow = Radial(2)

@@ -96,7 +96,23 @@ def spline_params(
 ) -> SplineParams:
     r"""Turn unnormalised parameters ``(..., 3K - 1)`` into knots and knot derivatives.
 
-    The last axis holds ``K`` widths, ``K`` heights and ``K - 1`` interior derivatives.
+    The last axis holds ``K`` widths :math:`\theta^w`, ``K`` heights :math:`\theta^h` and
+    ``K - 1`` interior derivatives :math:`\theta^d`. With :math:`w_{\min}` = ``min_width`` (and
+    likewise for the heights),
+
+    .. math::
+
+        w_k = 2B \left[ w_{\min} + (1 - K w_{\min})\, \mathrm{softmax}(\theta^w)_k \right],
+        \qquad x_0 = -B, \quad x_k = x_{k-1} + w_k, \quad x_K = B,
+
+        \delta_k = \delta_{\min} + \mathrm{softplus}\big(\theta^d_k
+            + \log(e^{1 - \delta_{\min}} - 1)\big), \qquad \delta_0 = \delta_K = 1,
+
+    so zero parameters give :math:`K` equal bins and unit slopes: the identity. The boundary
+    derivatives of 1 make the spline join the identity outside :math:`[-B, B]` smoothly.
+
+    Reference: Durkan et al. 2019, "Neural Spline Flows", arXiv:1906.04032 (the spline; the
+    floors and the shift that makes zero parameters the identity are this package's choices).
 
     Example:
         >>> p = spline_params(torch.zeros(4, 3 * 5 - 1), bound=3.0)
@@ -128,7 +144,17 @@ def _gather(p: SplineParams, index: Tensor) -> tuple[Tensor, ...]:
 def rational_quadratic_spline(
     inputs: Tensor, params: SplineParams, bound: float, inverse: bool = False
 ) -> tuple[Tensor, Tensor]:
-    r"""Apply the spline (or its inverse) elementwise.
+    r"""Apply the monotone rational-quadratic spline :math:`g` (or its inverse) elementwise.
+
+    In bin :math:`k`, with :math:`\xi = (x - x_k) / w_k` and :math:`s_k = h_k / w_k`,
+
+    .. math::
+
+        g(x) = y_k + \frac{h_k \left[ s_k \xi^2 + \delta_k \xi (1 - \xi) \right]}
+                          {s_k + (\delta_{k+1} + \delta_k - 2 s_k)\, \xi (1 - \xi)},
+
+    and :math:`g(x) = x` outside :math:`[-B, B]`; the inverse solves a quadratic in
+    :math:`\xi` (see the module docstring for :math:`g'` and the stable root).
 
     Args:
         inputs: values of shape ``S``.
@@ -140,6 +166,8 @@ def rational_quadratic_spline(
         the outputs (shape ``S``) and :math:`\log g'` at the *forward* input, elementwise
         (shape ``S``), so ``inverse=True`` returns the forward log-derivative at the
         recovered point.
+
+    Reference: Durkan et al. 2019, "Neural Spline Flows", arXiv:1906.04032.
 
     Example:
         >>> p = spline_params(torch.randn(3, 3 * 4 - 1), bound=2.0)
