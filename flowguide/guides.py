@@ -83,8 +83,17 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 def default_hidden(dim: int) -> tuple[int, int]:
-    """The conditioners' default hidden widths for ``dim`` latent dimensions:
-    two layers of ``clip(4 * dim, 32, 512)``."""
+    r"""The conditioners' default hidden widths for ``dim`` latent dimensions.
+
+    Two hidden layers of width :math:`w = \min(\max(4 D, 32), 512)` for :math:`D` = ``dim``:
+    at least :math:`D - 1` for :math:`D \le 513`, so that every MADE output can see all the
+    inputs before it, and capped at 512 so that the conditioners' cost grows linearly, not
+    quadratically, in :math:`D` beyond :math:`D = 128`.
+
+    Example:
+        >>> default_hidden(2), default_hidden(20), default_hidden(1000)
+        ((32, 32), (80, 80), (512, 512))
+    """
     width = min(max(4 * dim, 32), 512)
     return (width, width)
 
@@ -102,6 +111,20 @@ def constrain_latent(
       there evaluates every draw in one model call);
     * the draws keyed by site name, of shape ``(N, *site_shape)`` (``site_shape`` for one draw);
     * :math:`\log|\det J_T|` summed per draw, of shape ``(N,)`` (or ``()``).
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> def model():
+        ...     s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        ...     pyro.sample("x", dist.Normal(torch.zeros(2), s).to_event(1))
+        >>> guide = AutoFlow(model, flow=lambda dim: Planar(dim))
+        >>> _ = guide()  # sets the guide up: latent dimension 1 + 2
+        >>> latent = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 0.0]])
+        >>> values, draws, log_jac = constrain_latent(guide, latent)
+        >>> [round(s, 4) for s in draws["s"].tolist()], draws["x"].shape  # s = exp(coordinate 0)
+        ([1.0, 2.7183], torch.Size([2, 2]))
+        >>> log_jac.tolist()  # log |d exp(u) / du| = u
+        [0.0, 1.0]
     """
     single = latent.dim() == 1
     n = 1 if single else latent.shape[0]
@@ -163,8 +186,20 @@ def _latent_sites(guide: AutoContinuous) -> list[_LatentSite]:
 
 
 def plate_nesting(trace: poutine.Trace, ignore: tuple[str, ...] = ()) -> int:
-    """The deepest vectorised plate dim among a trace's sample sites (observed ones included),
-    plates named in ``ignore`` left out: a batch of draws goes in a plate at ``-nesting - 1``."""
+    """The deepest vectorised plate dim among a trace's sample sites.
+
+    Observed sites count too; plates named in ``ignore`` are left out. A batch of draws then
+    goes in a plate at dim ``-nesting - 1``, to the left of every plate of the model.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> def model():
+        ...     with pyro.plate("rows", 3, dim=-2), pyro.plate("cols", 4, dim=-1):
+        ...         pyro.sample("y", dist.Normal(0.0, 1.0), obs=torch.zeros(3, 4))
+        >>> trace = poutine.trace(model).get_trace()
+        >>> plate_nesting(trace), plate_nesting(trace, ignore=("rows",))
+        (2, 1)
+    """
     return max(
         (
             -frame.dim
@@ -194,9 +229,24 @@ def _probe_init(site: dict) -> Tensor:
 
 
 def robust_init(init_loc_fn: Callable[[dict], Tensor]) -> Callable[[dict], Tensor]:
-    """Wrap a Pyro init strategy so that a site whose distribution cannot be sampled (for example
-    ``ImproperUniform``) starts, instead of raising, at the point that unconstrained zeros map to
-    (what Pyro's ``init_to_feasible`` picks, found without sampling)."""
+    r"""Wrap a Pyro init strategy so that sites that cannot be sampled still get a start.
+
+    A site whose distribution raises ``NotImplementedError`` when sampled (for example
+    ``ImproperUniform``) starts, instead of raising, at :math:`T(0)`, :math:`T` the site's
+    ``biject_to`` map: the point that unconstrained zeros map to (what Pyro's
+    ``init_to_feasible`` picks, found without sampling). Every other site gets what
+    ``init_loc_fn`` gives.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> from pyro.distributions import constraints
+        >>> from pyro.infer.autoguide.initialization import init_to_sample
+        >>> def model():
+        ...     return pyro.sample("s", dist.ImproperUniform(constraints.positive, (), ()))
+        >>> with InitMessenger(robust_init(init_to_sample)):  # exp(0): positive support
+        ...     model()
+        tensor(1.)
+    """
 
     def init(site: dict) -> Tensor:
         try:
@@ -210,6 +260,19 @@ def robust_init(init_loc_fn: Callable[[dict], Tensor]) -> Callable[[dict], Tenso
 class AutoFlow(AutoContinuous):
     r"""A flow autoguide: a learnable diagonal Normal at the model's initial values, shaped by a
     flowguide flow (see the module docstring for the construction).
+
+    The latent sites are mapped to :math:`\mathbb{R}^D` by their ``biject_to`` maps, as in ADVI,
+    and the packed vector is :math:`z = \mu + \sigma \odot f(\varepsilon)`,
+    :math:`\varepsilon \sim \mathcal{N}(0, I_D)`. By the change of variables its density is
+
+    .. math::
+
+        \log q(z) = \log \mathcal{N}(\varepsilon; 0, I_D)
+            - \log \lvert\det J_f(\varepsilon)\rvert - \sum_{i=1}^{D} \log \sigma_i .
+
+    Reference: Rezende & Mohamed 2015, "Variational Inference with Normalizing Flows",
+    arXiv:1505.05770; Kucukelbir et al. 2017, "Automatic Differentiation Variational
+    Inference", arXiv:1603.00788.
 
     Args:
         model: a Pyro model whose latent sites are continuous and global.
@@ -408,7 +471,20 @@ def _stack(layers: list[Flow]) -> Compose:
 
 
 class AutoPlanar(AutoFlow):
-    """:class:`AutoFlow` with ``num_flows`` planar layers (Rezende & Mohamed 2015).
+    r""":class:`AutoFlow` with ``num_flows`` planar layers (Rezende & Mohamed 2015).
+
+    The flow is :math:`f = f_K \circ \dots \circ f_1`, :math:`K` = ``num_flows``, each layer a
+    :class:`~flowguide.transforms.Planar` map
+    :math:`f_k(x) = x + \hat u_k \tanh(w_k^\top x + b_k)`: every layer bends the density along
+    one direction, at a cost of :math:`O(D)` per layer.
+
+    Args:
+        model: the model.
+        num_flows: the number of planar layers.
+        **kwargs: as for :class:`AutoFlow`.
+
+    Reference: Rezende & Mohamed 2015, "Variational Inference with Normalizing Flows",
+    arXiv:1505.05770.
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -423,7 +499,34 @@ class AutoPlanar(AutoFlow):
 
 
 class AutoRadial(AutoFlow):
-    """:class:`AutoFlow` with ``num_flows`` radial layers (Rezende & Mohamed 2015)."""
+    r""":class:`AutoFlow` with ``num_flows`` radial layers (Rezende & Mohamed 2015).
+
+    The flow is :math:`f = f_K \circ \dots \circ f_1`, :math:`K` = ``num_flows``, each layer a
+    :class:`~flowguide.transforms.Radial` map
+    :math:`f_k(x) = x + \beta_k (x - x_k) / (\alpha_k + \lVert x - x_k \rVert)` that contracts
+    or expands the density around a learnt centre :math:`x_k`. Every layer starts as the
+    identity, so the fresh guide is the diagonal Normal :math:`\mathcal{N}(\mu_0, \sigma_0^2)`.
+
+    Args:
+        model: the model.
+        num_flows: the number of radial layers.
+        **kwargs: as for :class:`AutoFlow`.
+
+    Reference: Rezende & Mohamed 2015, "Variational Inference with Normalizing Flows",
+    arXiv:1505.05770.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        >>> guide = AutoRadial(model, num_flows=4)
+        >>> guide()["x"].shape, len(guide.flow.flows)
+        (torch.Size([2]), 4)
+        >>> z = torch.randn(5, 2)
+        >>> start = dist.Normal(guide.affine.loc, 0.1).to_event(1)  # init_scale = 0.1
+        >>> bool(torch.allclose(guide.get_posterior().log_prob(z), start.log_prob(z)))
+        True
+    """
 
     def __init__(self, model: Callable[..., Any], num_flows: int = 16, **kwargs: Any) -> None:
         _check_count(num_flows, "num_flows")
@@ -431,8 +534,21 @@ class AutoRadial(AutoFlow):
 
 
 class AutoIAF(AutoFlow):
-    """:class:`AutoFlow` with ``num_flows`` inverse autoregressive layers (Kingma et al. 2016),
+    r""":class:`AutoFlow` with ``num_flows`` inverse autoregressive layers (Kingma et al. 2016),
     the order reversed between layers.
+
+    Each layer is an :class:`~flowguide.transforms.AffineAutoregressive` map
+
+    .. math::
+
+        y_i = \mu_i(x_{<i}) + e^{s_i(x_{<i})} x_i, \qquad
+        \log \lvert\det J\rvert = \sum_{i=1}^{D} s_i(x_{<i}),
+
+    with :math:`\mu, s` from one MADE pass (:math:`s` a log-scale softly bounded to
+    :math:`(-5, 5)`): a draw and its log-density take one pass per layer
+    (the density of a given point, the inverse, takes :math:`D`). A
+    :class:`~flowguide.transforms.Permute` reverses the order between layers, so that every
+    coordinate can depend on every other.
 
     Args:
         model: the model.
@@ -440,6 +556,19 @@ class AutoIAF(AutoFlow):
         hidden: the MADE widths (default :func:`default_hidden`).
         activation: the MADE activation.
         **kwargs: as for :class:`AutoFlow`.
+
+    Reference: Kingma et al. 2016, "Improved Variational Inference with Inverse Autoregressive
+    Flow", arXiv:1606.04934.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        >>> guide = AutoIAF(model, num_flows=2, hidden=(8,))
+        >>> guide()["x"].shape
+        torch.Size([3])
+        >>> ", ".join(type(f).__name__ for f in guide.flow.flows)
+        'AffineAutoregressive, Permute, AffineAutoregressive'
     """
 
     def __init__(

@@ -25,7 +25,19 @@ __all__ = ["MADE", "MLP", "MaskedLinear", "check_hidden", "check_order"]
 
 
 def check_hidden(hidden: Sequence[int], name: str = "hidden") -> tuple[int, ...]:
-    """Validate a list of hidden widths: non-empty, every width a positive integer."""
+    """Validate a list of hidden widths: non-empty, every width a positive integer.
+
+    A single integer is read as one hidden layer. Returns the widths as a tuple; anything else
+    raises ``ValueError`` naming the argument (``name``).
+
+    Example:
+        >>> check_hidden([64, 64]), check_hidden(16)
+        ((64, 64), (16,))
+        >>> check_hidden((8, 0))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: hidden must be a non-empty sequence of positive integers ... got (8, 0)
+    """
     if isinstance(hidden, int):
         hidden = (hidden,)
     hidden = tuple(hidden)
@@ -40,7 +52,19 @@ def check_hidden(hidden: Sequence[int], name: str = "hidden") -> tuple[int, ...]
 
 
 def check_order(order: Sequence[int] | Tensor | None, dim: int, name: str = "order") -> Tensor:
-    """Validate an input order: a permutation of ``0 .. dim - 1`` (default: the identity)."""
+    """Validate an input order: a permutation of ``0 .. dim - 1`` (default: the identity).
+
+    Returns it as a ``long`` tensor. Non-integers, repeats and wrong lengths raise
+    ``ValueError`` naming the argument (``name``), rather than being truncated or reordered.
+
+    Example:
+        >>> check_order(None, 3).tolist(), check_order([2, 0, 1], 3).tolist()
+        ([0, 1, 2], [2, 0, 1])
+        >>> check_order([0, 0, 1], 3)
+        Traceback (most recent call last):
+        ...
+        ValueError: order must be a permutation of 0..2 (length 3), got [0, 0, 1]
+    """
     if order is None:
         return torch.arange(dim)
     # fix: convert without a dtype first, so that non-integers (0.5, True) are rejected rather
