@@ -45,10 +45,12 @@ def banana3() -> None:
     pyro.sample("x3", dist.Normal(x2 - x1, 1.0))
 
 
-def schools() -> None:
+_SCHOOLS_Y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+_SCHOOLS_SIGMA = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+
+
+def schools(y: torch.Tensor = _SCHOOLS_Y, sigma: torch.Tensor = _SCHOOLS_SIGMA) -> None:
     """Eight schools, non-centered (10 latent dimensions)."""
-    y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
-    sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
     mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
     tau = pyro.sample("tau", dist.HalfCauchy(5.0))
     with pyro.plate("schools", 8):
@@ -56,11 +58,14 @@ def schools() -> None:
         pyro.sample("y", dist.Normal(mu + tau * eta, sigma), obs=y)
 
 
-def regression50() -> None:
-    """A 50-D Bayesian linear regression with 200 observations."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(200, 50, generator=g)
-    y = x @ torch.linspace(-1, 1, 50) + 0.5 * torch.randn(200, generator=g)
+_G = torch.Generator().manual_seed(0)
+_X = torch.randn(200, 50, generator=_G)
+_Y = _X @ torch.linspace(-1, 1, 50) + 0.5 * torch.randn(200, generator=_G)
+
+
+def regression50(x: torch.Tensor = _X, y: torch.Tensor = _Y) -> None:
+    """A 50-D Bayesian linear regression with 200 observations (the data made once, at import,
+    as a model's data would be passed in, not regenerated at every step)."""
     w = pyro.sample("w", dist.Normal(torch.zeros(50), 1.0).to_event(1))
     with pyro.plate("data", 200):
         # (x * w).sum(-1) rather than x @ w, so that a batch of particles broadcasts
