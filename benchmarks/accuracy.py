@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,16 +49,6 @@ from flowguide.guides import robust_init
 __all__ = ["METHODS", "Target", "main", "run"]
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_posteriordb() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "fg_posteriordb", REPO / "benchmarks" / "posteriordb.py"
-    )
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules["fg_posteriordb"] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
 
 
 @dataclass
@@ -105,7 +93,8 @@ def _funnel(dim: int = 10) -> Target:
 def targets(root: Path | None, only: list[str] | None) -> list[Target]:
     out = [_banana(), _funnel(10)]
     if root is not None and root.is_dir():
-        pdb = _load_posteriordb()
+        import posteriordb as pdb  # benchmarks/posteriordb.py: a script's folder is on sys.path
+
         for name in pdb.POSTERIORS:
             post = pdb.load_posterior(name, root)
             out.append(Target(name, post.model, post.reference, post.extract))

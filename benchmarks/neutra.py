@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import logging
 import math
 import statistics
@@ -143,16 +142,6 @@ def _ar1_gauss(dim: int = 100, rho: float = 0.95) -> Target:
     return Target(f"ar1-gauss-{dim}d", model, ref, extract)
 
 
-def _load_posteriordb() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "fg_posteriordb", REPO / "benchmarks" / "posteriordb.py"
-    )
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules["fg_posteriordb"] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
 POSTERIORDB = ["eight_schools-eight_schools_centered", "gp_pois_regr-gp_pois_regr"]
 
 
@@ -161,7 +150,8 @@ def targets(root: Path | None, only: list[str] | None) -> list[Target]:
     posteriordb ones only when ``root`` is a folder."""
     out = [_funnel(10)]
     if root is not None and root.is_dir():
-        pdb = _load_posteriordb()
+        import posteriordb as pdb  # benchmarks/posteriordb.py: a script's folder is on sys.path
+
         for name in POSTERIORDB:
             post = pdb.load_posterior(name, root)
             out.append(Target(name, post.model, post.reference, post.extract))

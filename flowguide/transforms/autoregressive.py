@@ -176,21 +176,23 @@ class AffineAutoregressive(_Autoregressive):
         super().__init__(dim, 2, hidden, context_dim, order, activation, cache_size, True)
         self.log_scale_bound = float(log_scale_bound)
 
-    def _elementwise(self, x: Tensor, theta: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        loc, s = theta[..., 0], theta[..., 1]
+    def _affine(self, x: Tensor, loc: Tensor, s: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """The elementwise map with the bounded log-scale; returns the output and the log-scale."""
         s = s / (1 + s.abs() / self.log_scale_bound)
         if inverse:
             return (x - loc) * torch.exp(-s), s
         return torch.addcmul(loc, torch.exp(s), x), s
 
+    def _elementwise(self, x: Tensor, theta: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        return self._affine(x, theta[..., 0], theta[..., 1], inverse)
+
     def _forward_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        # the same map as the generic path, read straight from the parameter-major output: the
-        # shifts and log-scales are two slices of it (cheaper to differentiate than the
-        # ``(..., dim, 2)`` view's selections, whose backward pays copies)
+        # read straight from the parameter-major output: the shifts and log-scales are two
+        # slices of it (cheaper to differentiate than the ``(..., dim, 2)`` view's selections,
+        # whose backward pays copies)
         out = self.made.flat(x, context)
-        loc, s = out[..., : self.dim], out[..., self.dim :]
-        s = s / (1 + s.abs() / self.log_scale_bound)
-        return torch.addcmul(loc, torch.exp(s), x), s.sum(-1)
+        y, s = self._affine(x, out[..., : self.dim], out[..., self.dim :], inverse=False)
+        return y, s.sum(-1)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", log_scale_bound={self.log_scale_bound}"
