@@ -11,6 +11,10 @@ widths, same bins and bound), it times a training step with ``num_particles`` pa
   one (``order="quadratic"``, the spline flowguide uses) fails inside an SVI guide in pyro 1.9.2
   with ``ValueError: too many values to unpack``, so the comparison uses Pyro's default.
 
+The two run side by side: after a warm-up of each, blocks of ``--steps`` steps alternate
+between them, in a random order per repeat, so that load changes on a shared machine hit both
+alike (the ratio is the robust figure; the absolute times depend on the load).
+
 It prints a markdown table of milliseconds per step (medians over repeats) and the ratio
 Pyro / flowguide (above 1: flowguide is faster). No timing is asserted anywhere.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -79,38 +84,51 @@ MODELS: dict[str, tuple[Callable[[], None], int]] = {
 }
 
 
-def _time_pyro(
-    model: Callable[[], None], guide: Callable, particles: int, steps: int, repeats: int
-) -> float:
-    pyro.clear_param_store()
-    svi = SVI(
-        model,
-        guide,
-        pyro.optim.Adam({"lr": 1e-3}),
-        Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=1),
-    )
-    for _ in range(5):
-        svi.step()
-    times = []
-    for _ in range(repeats):
+class _PyroSteps:
+    """Pyro's route: ``SVI(...).step()`` with vectorised particles, timed in blocks."""
+
+    def __init__(self, model: Callable[[], None], guide: Callable, particles: int) -> None:
+        self.svi = SVI(
+            model,
+            guide,
+            pyro.optim.Adam({"lr": 1e-3}),
+            Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=1),
+        )
+        self.block(5)  # set-up and warm-up
+
+    def block(self, steps: int) -> float:
         start = time.perf_counter()
         for _ in range(steps):
-            svi.step()
-        times.append((time.perf_counter() - start) / steps)
-    return 1e3 * statistics.median(times)
+            self.svi.step()
+        return (time.perf_counter() - start) / steps
 
 
-def _time_ours(
-    model: Callable[[], None], guide: fg.AutoFlow, particles: int, steps: int, repeats: int
-) -> float:
-    pyro.clear_param_store()
-    common = {"num_particles": particles, "progress": False, "patience": 0, "lr": 1e-3}
-    fg.fit(model, guide, num_steps=5, **common)
-    times = []
+class _OurSteps:
+    """flowguide's route: ``flowguide.fit`` for a block of steps (the loop itself, as a user
+    runs it; its per-call set-up is paid once per block)."""
+
+    def __init__(self, model: Callable[[], None], guide: fg.AutoFlow, particles: int) -> None:
+        self.model, self.guide = model, guide
+        self.options = {"num_particles": particles, "progress": False, "patience": 0, "lr": 1e-3}
+        self.block(5)  # set-up and warm-up
+
+    def block(self, steps: int) -> float:
+        result = fg.fit(self.model, self.guide, num_steps=steps, **self.options)
+        return result.seconds / steps
+
+
+def _time_pair(
+    ours: _OurSteps, theirs: _PyroSteps, steps: int, repeats: int, rng: random.Random
+) -> tuple[float, float]:
+    """Median ms per step of each, their blocks interleaved in a random order per repeat, so
+    that load drifts on a shared machine hit both alike."""
+    times: dict[str, list[float]] = {"ours": [], "pyro": []}
     for _ in range(repeats):
-        result = fg.fit(model, guide, num_steps=steps, **common)
-        times.append(result.seconds / steps)
-    return 1e3 * statistics.median(times)
+        order = [("ours", ours), ("pyro", theirs)]
+        rng.shuffle(order)
+        for name, runner in order:
+            times[name].append(runner.block(steps))
+    return 1e3 * statistics.median(times["ours"]), 1e3 * statistics.median(times["pyro"])
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -125,6 +143,7 @@ def main(argv: list[str] | None = None) -> str:
     torch.set_num_threads(args.threads)
     steps, repeats = (5, 2) if args.quick else (args.steps, args.repeats)
     torch.manual_seed(0)
+    rng = random.Random(0)
 
     rows = [
         "| model | family | layers, hidden | flowguide ms/step | Pyro ms/step | Pyro / flowguide |",
@@ -156,8 +175,10 @@ def main(argv: list[str] | None = None) -> str:
             ),
         }
         for family, (ours, theirs) in cases.items():
-            t_ours = _time_ours(model, ours(model), args.particles, steps, repeats)
-            t_pyro = _time_pyro(model, theirs(model), args.particles, steps, repeats)
+            pyro.clear_param_store()
+            mine = _OurSteps(model, ours(model), args.particles)
+            peer = _PyroSteps(model, theirs(model), args.particles)
+            t_ours, t_pyro = _time_pair(mine, peer, steps, repeats, rng)
             rows.append(
                 f"| {name} | {family} | {layers} x {hidden} | {t_ours:.2f} | {t_pyro:.2f} | "
                 f"{t_pyro / t_ours:.2f} |"

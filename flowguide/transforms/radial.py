@@ -78,9 +78,12 @@ class Radial(Flow):
         """Return :math:`x_0`, :math:`\alpha` and :math:`\alpha + \beta`, the last two with a
         trailing axis of size 1 (they broadcast against ``(..., dim)``)."""
         raw = self.params.raw if context is None else self.params(context)
-        x0, ab = raw.split((self.dim, 2), dim=-1)
+        # ``split_with_sizes``: the same views as ``Tensor.split``, without its Python wrapper
+        x0, ab = raw.split_with_sizes((self.dim, 2), dim=-1)
         # one softplus for both; floored so that neither underflows to 0
-        alpha, alpha_beta = F.softplus(ab).clamp_min(torch.finfo(ab.dtype).tiny).split(1, dim=-1)
+        alpha, alpha_beta = (
+            F.softplus(ab).clamp_min(torch.finfo(ab.dtype).tiny).split_with_sizes((1, 1), dim=-1)
+        )
         return x0, alpha, alpha_beta
 
     def _ladj(self, r: Tensor, neg_t: Tensor, ratio: Tensor, ab_r: Tensor) -> Tensor:
