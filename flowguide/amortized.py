@@ -75,6 +75,7 @@ from torch import Tensor, nn
 from torch.distributions import biject_to, constraints
 
 from .guides import AutoIAF, default_hidden, plate_nesting
+from .nn import MLP
 from .transforms import (
     AffineAutoregressive,
     Compose,
@@ -83,10 +84,17 @@ from .transforms import (
     Radial,
     SplineAutoregressive,
 )
+from .transforms.planar import (
+    PlanarParameters,
+    planar_parameters,
+    planar_stack_forward,
+    planar_stack_inverse,
+)
 
 __all__ = [
     "FLOW_FAMILIES",
     "AmortizedFlowPosterior",
+    "AmortizedPlanar",
     "AutoAmortizedFlow",
     "LogJoint",
     "build_conditional_flow",
@@ -117,15 +125,18 @@ def build_conditional_flow(
     hidden: Sequence[int] | None = None,
     bins: int = 8,
     bound: float = 3.0,
-) -> Compose:
+) -> Flow:
     r"""A conditional flow of one of the :data:`FLOW_FAMILIES`, the identity at initialisation.
 
-    The flow is a :class:`~flowguide.transforms.Compose` of ``num_flows`` layers
-    :math:`f_h = f^{(L)}_h \circ \dots \circ f^{(1)}_h`, each reading the context :math:`h`, so
-    :math:`\log|\det J_{f_h}| = \sum_l \log|\det J_{f^{(l)}_h}|`:
+    The flow has ``num_flows`` layers :math:`f_h = f^{(L)}_h \circ \dots \circ f^{(1)}_h`, each
+    reading the context :math:`h`, so :math:`\log|\det J_{f_h}| = \sum_l \log|\det
+    J_{f^{(l)}_h}|`:
 
-    * ``"planar"``, ``"radial"``: :class:`~flowguide.transforms.Planar` or
-      :class:`~flowguide.transforms.Radial` layers whose parameters an MLP of :math:`h` gives;
+    * ``"planar"``: an :class:`AmortizedPlanar` stack, whose one network of :math:`h` predicts
+      every layer's parameters together;
+    * ``"radial"``: a :class:`~flowguide.transforms.Compose` of
+      :class:`~flowguide.transforms.Radial` layers, each with its own MLP of :math:`h` for its
+      parameters;
     * ``"iaf"``: :class:`~flowguide.transforms.AffineAutoregressive` layers,
       :math:`z_i \mapsto \mu_i(z_{<i}, h) + e^{s_i(z_{<i}, h)} z_i`, on a MADE that also reads
       :math:`h`, the order reversed every other layer;
@@ -138,8 +149,11 @@ def build_conditional_flow(
         context_dim: the context's width :math:`c \ge 1`.
         num_flows: the number of layers (default :data:`FLOW_FAMILIES` ``[family]``).
         hidden: the conditioners' hidden widths: the MADE's for ``"iaf"`` and ``"nsf"`` (default
-            :func:`~flowguide.guides.default_hidden`), the parameter MLP's of each planar or
-            radial layer (default one layer of the same width).
+            :func:`~flowguide.guides.default_hidden`), each radial layer's parameter MLP's
+            (default the first of those widths alone) and the planar stack's parameter
+            network's (its first width; default none: one linear map of :math:`h` for all
+            layers, as in Rezende & Mohamed's and van den Berg et al.'s amortized planar
+            flows).
         bins, bound: the spline's bins and half-width (``"nsf"`` only).
 
     References: Rezende & Mohamed 2015, "Variational Inference with Normalizing Flows",
@@ -165,11 +179,14 @@ def build_conditional_flow(
     num_flows = FLOW_FAMILIES[family] if num_flows is None else num_flows
     _check_int(num_flows, "num_flows", 1)
     widths = tuple(hidden) if hidden is not None else default_hidden(latent_dim)
+    if family == "planar":
+        # one linear map of the context for all layers unless hidden is given: the amortized
+        # planar flows of Rezende & Mohamed and of van den Berg et al.'s baselines
+        planar_hidden = () if hidden is None else tuple(hidden)[:1]
+        return AmortizedPlanar(latent_dim, context_dim, num_flows, hidden=planar_hidden)
     layers: list[Flow] = []
     for i in range(num_flows):
-        if family == "planar":
-            layers.append(Planar(latent_dim, context_dim, hidden=widths[:1] or widths))
-        elif family == "radial":
+        if family == "radial":
             layers.append(Radial(latent_dim, context_dim, hidden=widths[:1] or widths))
         else:
             # alternate the autoregressive order (not the coordinates: a Permute layer would
@@ -187,6 +204,115 @@ def build_conditional_flow(
                     )
                 )
     return Compose(layers)
+
+
+class AmortizedPlanar(Flow):
+    r"""A stack of ``num_flows`` planar layers whose parameters one network of the context
+    predicts together, as in Rezende & Mohamed's VAEs (the encoder outputs every layer's
+    :math:`(u_l, w_l, b_l)` per datum):
+
+    .. math::
+
+        (u_l, w_l, b_l)_{l=1}^{L} = g(h), \qquad
+        f_h = f^{(L)} \circ \dots \circ f^{(1)}, \quad
+        f^{(l)}(z) = z + \hat u_l \tanh(w_l^\top z + b_l),
+
+    with :math:`\hat u_l` the invertible reparameterisation of :class:`~flowguide.transforms.Planar`
+    (see :func:`~flowguide.transforms.planar.planar_parameters`), so every layer is invertible and
+    :math:`\log|\det J_{f_h}| = \sum_l \log(1 + (1 - \tanh^2(w_l^\top z_{l-1} + b_l))
+    w_l^\top \hat u_l)`.
+
+    The same map as a :class:`~flowguide.transforms.Compose` of conditional ``Planar`` layers, but
+    with one network :math:`g` (an MLP, or one linear map with ``hidden=()``) for all layers
+    instead of one per layer: two matrix products for the whole stack instead of two per layer,
+    and one parameter tensor per network layer for the optimiser, not four per flow layer. The
+    derived parameters :math:`\hat u_l, w_l^\top \hat u_l` of all layers are computed at once;
+    only the planar maps themselves run layer by layer.
+
+    Starts as the identity for every context: :math:`g`'s last layer has zero weights and its bias
+    is each layer's ``Planar.initial_raw`` (:math:`u = 0`, :math:`b = 0`, small random :math:`w`).
+    The inverse inverts the layers in reverse order (see ``Planar``).
+
+    Args:
+        dim: the dimension :math:`D`.
+        context_dim: the context's width (at least 1).
+        num_flows: the number of layers :math:`L`.
+        hidden: the hidden widths of :math:`g`; ``()`` for one linear map.
+        activation: :math:`g`'s hidden activation.
+        max_iter: the most Newton steps of each layer's inverse.
+
+    Reference: Rezende & Mohamed 2015, "Variational Inference with Normalizing Flows",
+    arXiv:1505.05770 (section 4.2, amortized flow parameters).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> flow = AmortizedPlanar(3, context_dim=4, num_flows=8, hidden=(16,)).double()
+        >>> z0 = torch.randn(5, 3, dtype=torch.float64)
+        >>> h = torch.randn(5, 4, dtype=torch.float64)
+        >>> z, ladj = flow.condition(h).forward_and_log_abs_det(z0)  # the identity at first
+        >>> bool(torch.equal(z, z0)), ladj.abs().max().item()
+        (True, 0.0)
+        >>> with torch.no_grad():
+        ...     _ = flow.output_layer.weight.normal_(0, 0.1)
+        >>> z = flow.condition(h)(z0)
+        >>> bool(torch.allclose(flow.condition(h).inv(z), z0, atol=1e-9))
+        True
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        context_dim: int,
+        num_flows: int = 16,
+        hidden: Sequence[int] = (64,),
+        activation: type[nn.Module] = nn.ReLU,
+        max_iter: int = 100,
+        cache_size: int = 1,
+    ) -> None:
+        super().__init__(dim, context_dim, cache_size)
+        _check_int(context_dim, "context_dim", 1)
+        self.num_flows = _check_int(num_flows, "num_flows", 1)
+        hidden = tuple(hidden)
+        init = torch.cat([Planar.initial_raw(dim) for _ in range(num_flows)])
+        self.net: nn.Module
+        if hidden:
+            self.net = MLP(context_dim, init.numel(), hidden, activation)
+        else:  # one linear map (zero weights, as MLP's output layer)
+            self.net = nn.Linear(context_dim, init.numel())
+            nn.init.zeros_(self.net.weight)
+        with torch.no_grad():
+            self.output_layer.bias.copy_(init)
+        self.max_iter = max_iter
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        """The network's last layer (zero weights at initialisation)."""
+        return self.net.output_layer if isinstance(self.net, MLP) else self.net  # type: ignore
+
+    def __len__(self) -> int:
+        return self.num_flows
+
+    def layer_parameters(self, context: Tensor) -> PlanarParameters:
+        """Every layer's parameters for ``context`` of shape ``(..., context_dim)``: ``w`` and
+        ``u_hat`` of shape ``(..., num_flows, dim)``, the others ``(..., num_flows)``."""
+        raw = self.net(self._check_context(context))
+        return planar_parameters(raw.unflatten(-1, (self.num_flows, 2 * self.dim + 1)))
+
+    def _forward_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        return planar_stack_forward(x, self.layer_parameters(self._need(context)))
+
+    def _inverse_ladj(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        return planar_stack_inverse(y, self.layer_parameters(self._need(context)), self.max_iter)
+
+    def _need(self, context: Tensor | None) -> Tensor:
+        if context is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a context of shape (..., {self.context_dim})"
+            )
+        return context
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_flows={self.num_flows}, max_iter={self.max_iter}"
 
 
 class AmortizedFlowPosterior(nn.Module):
