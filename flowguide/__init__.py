@@ -4,7 +4,7 @@ from . import diagnostics, distributed, nn, transforms
 from .amortized import AmortizedFlowPosterior, AutoAmortizedFlow
 from .guides import AutoFlow, AutoIAF, AutoNeuralSpline, AutoPlanar, AutoRadial
 from .neutra import ManyChainHMC, NeuTraMCMC, NeuTraPotential
-from .train import FitResult, fit
+from .train import FitResult, MapInit, fit, map_init
 from .transforms import (
     AffineAutoregressive,
     Compose,
@@ -31,6 +31,7 @@ __all__ = [
     "ElementwiseAffine",
     "FitResult",
     "ManyChainHMC",
+    "MapInit",
     "NeuTraMCMC",
     "NeuTraPotential",
     "Permute",
@@ -42,6 +43,7 @@ __all__ = [
     "diagnostics",
     "distributed",
     "fit",
+    "map_init",
     "nn",
     "transforms",
 ]

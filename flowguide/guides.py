@@ -351,6 +351,16 @@ class AutoFlow(AutoContinuous):
         """The learnable diagonal Normal's location and scale, as an elementwise affine map."""
         return self.transform[1]  # type: ignore[return-value]
 
+    def _set_laplace_correlation(self, center: Tensor | None, tril: Tensor | None) -> None:
+        """Append (or replace, or with ``None`` remove) the fixed linear map
+        :class:`_LaplaceCorrelation` after the affine base (``flowguide.map_init``)."""
+        flows = self.transform.flows
+        if len(flows) > 2:
+            del flows[2:]
+        if center is not None and tril is not None:
+            loc = self.affine.loc
+            flows.append(_LaplaceCorrelation(center, tril).to(device=loc.device, dtype=loc.dtype))
+
     def _check_sites(self, trace: poutine.Trace) -> None:
         sites = [
             (name, site)
@@ -464,6 +474,31 @@ class AutoFlow(AutoContinuous):
             k: v[0]
             for k, v in self.quantiles([0.5], *args, num_samples=num_samples, **kwargs).items()
         }
+
+
+class _LaplaceCorrelation(Flow):
+    r"""A fixed (not learnt) linear map :math:`y = c + L (x - c)` with :math:`L` lower
+    triangular: appended after a guide's affine base by ``flowguide.map_init(...,
+    covariance="full")``, it turns the diagonal Laplace start :math:`\mathcal{N}(c, D^2)` into
+    the full one :math:`\mathcal{N}(c, \Sigma)`, :math:`L = D C D^{-1}`, :math:`C` the Cholesky
+    factor of the correlation matrix of :math:`\Sigma` and :math:`D` its marginal sds.
+    :math:`\log|\det J| = \sum_i \log L_{ii} = 0` (the diagonal of :math:`C` times
+    :math:`D D^{-1}`), computed anyway. Its tensors are buffers: they move with the guide
+    (``.to``) and are never trained."""
+
+    def __init__(self, center: Tensor, tril: Tensor) -> None:
+        super().__init__(center.shape[-1])
+        self.register_buffer("center", center.detach().clone())
+        self.register_buffer("tril", tril.detach().clone())
+
+    def _forward_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        y = self.center + (x - self.center) @ self.tril.T
+        return y, self.tril.diagonal().log().sum().expand(x.shape[:-1])
+
+    def _inverse_ladj(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        diff = (y - self.center).unsqueeze(-1)
+        x = self.center + torch.linalg.solve_triangular(self.tril, diff, upper=False).squeeze(-1)
+        return x, self.tril.diagonal().log().sum().expand(y.shape[:-1])
 
 
 def _stack(layers: list[Flow]) -> Compose:

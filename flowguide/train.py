@@ -42,7 +42,15 @@ from torch import Tensor
 
 from .guides import AutoFlow, constrain_latent
 
-__all__ = ["CHECKPOINT_FORMAT", "FitResult", "fit", "flow_elbo_loss", "load_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "FitResult",
+    "MapInit",
+    "fit",
+    "flow_elbo_loss",
+    "load_checkpoint",
+    "map_init",
+]
 
 CHECKPOINT_FORMAT = "flowguide-checkpoint-v1"
 
@@ -56,7 +64,8 @@ class FitResult:
         num_steps: the number of the last step (counting from 0, so ``len`` of the run).
         stopped: why it stopped: ``"budget"``, ``"plateau"`` or ``"interrupted"``.
         skipped_steps: steps whose loss or gradient was not finite, so no update was made.
-        seconds: wall time of this call.
+        seconds: wall time of this call (a MAP start included).
+        init: what :func:`map_init` found, with ``init="map"`` (else None).
 
     Example:
         >>> result = FitResult(losses=[float(k) for k in range(20, 0, -1)], num_steps=20)
@@ -71,6 +80,7 @@ class FitResult:
     stopped: str = "budget"
     skipped_steps: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    init: MapInit | None = None
 
     @property
     def final_loss(self) -> float:
@@ -164,6 +174,274 @@ def _log_joint(trace: poutine.Trace) -> Tensor:
     return torch.as_tensor(total)
 
 
+@dataclass
+class MapInit:
+    r"""What :func:`map_init` found: the mode of the posterior density in the guide's packed
+    unconstrained space and the Laplace scales there.
+
+    Attributes:
+        loc: the mode :math:`z^\star`, shape ``(D,)``.
+        scale: :math:`\sqrt{\operatorname{diag}(H^{-1})}` at the mode, shape ``(D,)``.
+        scale_tril: the Cholesky factor of :math:`H^{-1}` with ``covariance="full"``, else
+            None.
+        log_density: :math:`\log p(x, T(z^\star)) + \log|\det J_T(z^\star)|`.
+        decrement: half the squared Newton decrement :math:`\tfrac12 g^\top H^{-1} g` at
+            :math:`z^\star` (how far below the mode's value it still is, in nats, to second
+            order).
+        num_evaluations: evaluations of the log density (L-BFGS and Newton steps).
+        seconds: wall time.
+
+    Reference: MacKay 2003, "Information Theory, Inference, and Learning Algorithms",
+    chapter 27 (the Laplace approximation :math:`\mathcal{N}(z^\star, H^{-1})`).
+
+    Example:
+        >>> found = MapInit(torch.zeros(2), torch.ones(2), None, -1.8, 0.0, 12, 0.01)
+        >>> found.loc.shape, found.log_density
+        (torch.Size([2]), -1.8)
+    """
+
+    loc: Tensor
+    scale: Tensor
+    scale_tril: Tensor | None
+    log_density: float
+    decrement: float
+    num_evaluations: int
+    seconds: float
+
+
+def map_init(
+    model: Callable[..., Any],
+    guide: AutoFlow,
+    *args: Any,
+    covariance: str = "full",
+    max_evals: int = 2000,
+    tol: float = 1e-3,
+    **kwargs: Any,
+) -> MapInit:
+    r"""Warm-start a flow guide at the posterior mode with Laplace scales (a MAP start).
+
+    In the guide's packed unconstrained space (the ``biject_to`` maps :math:`T` to the sites'
+    supports) it finds the mode of the density the guide approximates,
+
+    .. math::
+
+        z^\star = \arg\max_z \; \ell(z), \qquad
+        \ell(z) = \log p\big(x, T(z)\big) + \log\lvert\det J_T(z)\rvert ,
+
+    by L-BFGS (strong Wolfe line search) from the guide's initial location, polished by Newton
+    steps :math:`z \leftarrow z - t H^{-1} g` (:math:`g, H` the gradient and Hessian of
+    :math:`-\ell`, :math:`t` halved until :math:`\ell` rises) until they stop gaining; half the
+    squared Newton decrement :math:`\tfrac12 g^\top H^{-1} g` must then be below ``tol`` nats
+    (:math:`\ell(z^\star)` within about ``tol`` of the maximum). It then moves the guide's
+    base, the elementwise affine map :math:`z = \mu + \sigma \odot f(\varepsilon)`, to
+    :math:`\mu = z^\star` and :math:`\sigma_i = \sqrt{(H^{-1})_{ii}}`, the marginal standard
+    deviations of the Laplace approximation :math:`\mathcal{N}(z^\star, H^{-1})`. The flow
+    :math:`f` is left as it is (the identity in a fresh guide).
+
+    With ``covariance="diag"`` that is all: the guide starts as the diagonal of the Laplace
+    approximation. With ``covariance="full"`` (default) a fixed, untrained linear map
+    :math:`y = z^\star + L (x - z^\star)`, :math:`L = D C D^{-1}` (:math:`D` = diag of
+    :math:`\sigma`, :math:`C` the Cholesky factor of the Laplace correlation matrix,
+    :math:`\log|\det L| = 0`), is appended after the base, so the guide starts as the full
+    Laplace approximation :math:`\mathcal{N}(z^\star, H^{-1})` and the flow and base learn the
+    posterior's departure from it in decorrelated, standardised coordinates. On a nearly
+    singular posterior (a regression on strongly correlated, unscaled predictors) that matters:
+    a diagonal start with the marginal sds puts its draws far off the ridge, and the first
+    steps of SVI blow the scales up (kilpisjarvi in ``docs/benchmarks/accuracy.md``). Calling
+    it again replaces the map (``"diag"`` removes it). ``flowguide.fit(..., init="map")``
+    (full) or ``init="map-diag"`` calls it before the first step.
+
+    A posterior without a proper mode in the unconstrained space (a funnel such as a centred
+    hierarchical model, whose density grows without bound as the group scale goes to 0) has no
+    positive definite Hessian where the search ends, or never gets the decrement below ``tol``:
+    that raises ``ValueError`` saying which, and the guide is left untouched. A non-finite log
+    density or Hessian at the start or at the mode raises ``FloatingPointError``. Points where the
+    log density is not finite during the search (a line search overshooting into an
+    impossible region) are never taken: the search keeps the best finite point.
+
+    Reference: Nocedal & Wright 2006, "Numerical Optimization" (L-BFGS: chapter 7; Newton
+    decrement and backtracking: Boyd & Vandenberghe 2004, "Convex Optimization", section 9.5);
+    Laplace approximation: MacKay 2003, "Information Theory, Inference, and Learning
+    Algorithms", chapter 27; Kucukelbir et al. 2017, "Automatic Differentiation Variational
+    Inference", arXiv:1603.00788 (the unconstrained space).
+
+    Args:
+        model, guide: the Pyro model and a flowguide :class:`~flowguide.guides.AutoFlow`.
+        *args, **kwargs: the model's arguments.
+        covariance: ``"full"`` (a fixed linear map carries the Laplace correlations) or
+            ``"diag"`` (the base's scales only).
+        max_evals: the most log-density evaluations of the L-BFGS search.
+        tol: the largest accepted :math:`\tfrac12 g^\top H^{-1} g` at the mode, in nats.
+
+    Returns:
+        a :class:`MapInit`.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> from flowguide import AutoIAF
+        >>> def model():  # x ~ N(0, 10^2) observed once as 3.0 with sd 1: the mode is 3 / 1.01
+        ...     x = pyro.sample("x", dist.Normal(0.0, 10.0))
+        ...     pyro.sample("y", dist.Normal(x, 1.0), obs=torch.tensor(3.0))
+        >>> pyro.clear_param_store()
+        >>> guide = AutoIAF(model)
+        >>> found = map_init(model, guide)
+        >>> round(found.loc.item(), 4), round(found.scale.item(), 4)  # 3 / 1.01, 1 / sqrt(1.01)
+        (2.9703, 0.995)
+        >>> round(guide.affine.loc.item(), 4), round(guide.affine.log_scale.exp().item(), 4)
+        (2.9703, 0.995)
+    """
+    if not isinstance(guide, AutoFlow):
+        raise TypeError(
+            f"guide must be a flowguide AutoFlow (AutoNeuralSpline, AutoIAF, ...) for a MAP "
+            f"start, got {type(guide).__name__}"
+        )
+    if covariance not in ("full", "diag"):
+        raise ValueError(f"covariance must be 'full' or 'diag', got {covariance!r}")
+    if not isinstance(max_evals, int) or isinstance(max_evals, bool) or max_evals < 1:
+        raise ValueError(f"max_evals must be an integer >= 1, got {max_evals!r}")
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"tol must be a number > 0, got {tol!r}")
+    start = time.perf_counter()
+    if guide.prototype_trace is None:
+        guide._setup_prototype(*args, **kwargs)
+    affine = guide.affine
+    evals = [0]
+
+    def negative_log_density(z: Tensor) -> Tensor:
+        evals[0] += 1
+        values, _, log_jac = constrain_latent(guide, z)
+        conditioned = poutine.condition(model, data=values)
+        trace = poutine.block(poutine.trace(conditioned).get_trace)(*args, **kwargs)
+        return -(_log_joint(trace) + log_jac)
+
+    def value_and_grad(z: Tensor) -> tuple[Tensor, Tensor]:
+        z = z.detach().requires_grad_(True)
+        try:
+            u = negative_log_density(z)
+        except ValueError as error:  # a distribution's parameter validation saw a NaN
+            if "invalid values" not in str(error):
+                raise
+            return z.new_tensor(math.nan), torch.full_like(z, math.nan)
+        (g,) = torch.autograd.grad(u, z)
+        return u.detach(), g
+
+    with torch.no_grad():  # where the guide maps eps = 0: its loc, for a fresh guide
+        z0 = guide.transform._forward_ladj(torch.zeros_like(affine.loc), None)[0].detach()
+    u0, g0 = value_and_grad(z0)
+    if not (bool(torch.isfinite(u0)) and bool(torch.isfinite(g0).all())):
+        raise FloatingPointError(
+            f"map_init: the log density at the guide's initial location is not finite "
+            f"(-log density {u0.item()}, gradient finite: {bool(torch.isfinite(g0).all())}); "
+            "give the guide another init_loc_fn"
+        )
+    best = [u0, z0]
+
+    # L-BFGS: the closure reports every evaluation; the best finite point is kept
+    z = z0.clone().requires_grad_(True)
+    lbfgs = torch.optim.LBFGS(
+        [z],
+        lr=1.0,
+        max_iter=max_evals,
+        max_eval=max_evals,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-14,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Tensor:
+        u, g = value_and_grad(z)
+        if bool(torch.isfinite(u)) and bool(torch.isfinite(g).all()) and u < best[0]:
+            best[0], best[1] = u, z.detach().clone()
+        z.grad = g
+        return u
+
+    lbfgs.step(closure)
+
+    # Newton polishing with backtracking, from the best finite point
+    z = best[1]
+    u = best[0]
+    for _ in range(50):
+        _, chol, g = _hessian(negative_log_density, z)
+        step = torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
+        decrement = 0.5 * float(g @ step)
+        if decrement <= 1e-12 * max(1.0, abs(u.item())):  # polished to rounding
+            break
+        t = 1.0
+        while t > 1e-10:
+            candidate = z - t * step
+            u_new, _ = value_and_grad(candidate)
+            if bool(torch.isfinite(u_new)) and u_new <= u - 0.5 * t * decrement:
+                z, u = candidate, u_new
+                break
+            t *= 0.5
+        else:
+            break  # no decrease along the Newton direction: rounding, or no mode nearby
+    else:
+        _, chol, g = _hessian(negative_log_density, z)
+        step = torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
+        decrement = 0.5 * float(g @ step)
+    if decrement > tol:
+        raise ValueError(
+            f"map_init found no mode of the model's posterior: after {evals[0]} evaluations "
+            f"half the squared Newton decrement is {decrement:.3g} nats (tol {tol:g}) at "
+            f"-log density {u.item():.6g}; the posterior may have no proper mode in the "
+            "unconstrained space (a funnel, an improper posterior) or need more max_evals. "
+            "Fit without init='map'"
+        )
+    cov = torch.cholesky_inverse(chol)
+    scale = cov.diagonal().sqrt()
+    scale_tril = tril = None
+    if covariance == "full":
+        scale_tril = torch.linalg.cholesky(cov)
+        corr_tril = torch.linalg.cholesky(cov / scale.unsqueeze(-1) / scale)
+        tril = scale.unsqueeze(-1) * corr_tril / scale  # L = D C D^-1
+    with torch.no_grad():
+        affine.loc.copy_(z.to(affine.loc))
+        affine.log_scale.copy_(scale.log().to(affine.log_scale))
+    guide._set_laplace_correlation(z if tril is not None else None, tril)
+    return MapInit(
+        loc=z.detach().clone(),
+        scale=scale.detach().clone(),
+        scale_tril=scale_tril,
+        log_density=-u.item(),
+        decrement=decrement,
+        num_evaluations=evals[0],
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _hessian(
+    negative_log_density: Callable[[Tensor], Tensor], z: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The Hessian of ``negative_log_density`` at ``z``, its Cholesky factor and the gradient;
+    a non-finite Hessian raises ``FloatingPointError``, one not positive definite ``ValueError``."""
+    z = z.detach().requires_grad_(True)
+    u = negative_log_density(z)
+    (g,) = torch.autograd.grad(u, z, create_graph=True)
+    rows = [
+        torch.autograd.grad(g[i], z, retain_graph=True, allow_unused=True)[0]
+        for i in range(z.shape[0])
+    ]
+    hess = torch.stack([torch.zeros_like(z) if r is None else r for r in rows]).detach()
+    hess = 0.5 * (hess + hess.T)
+    if not bool(torch.isfinite(hess).all()):
+        raise FloatingPointError(
+            f"map_init: the Hessian of the log density is not finite at -log density "
+            f"{u.item():.6g} ({int((~torch.isfinite(hess)).sum())} non-finite entries)"
+        )
+    chol, info = torch.linalg.cholesky_ex(hess)
+    if int(info) != 0:
+        smallest = torch.linalg.eigvalsh(hess)[0].item()
+        raise ValueError(
+            f"map_init found no mode of the model's posterior: the Hessian of -log density "
+            f"at the point the search ended ({u.item():.6g}) is not positive definite "
+            f"(smallest eigenvalue {smallest:.3g}); the posterior may have no proper mode in "
+            "the unconstrained space (a funnel, an improper posterior). Fit without init='map'"
+        )
+    return hess, chol, g.detach()
+
+
 def _atomic_save(obj: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -184,7 +462,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     The checkpoint is a dict with the keys ``format`` (``CHECKPOINT_FORMAT``), ``step``,
     ``params`` (the unconstrained parameters by name, on the CPU), ``optimizer``, ``losses``,
-    ``skipped_steps`` and ``rng`` (torch's random state).
+    ``skipped_steps``, ``rng`` (torch's random state), ``loc_scale`` (the Laplace sds that
+    scale the location's updates after ``init="map"``, else None) and ``laplace`` (the fixed
+    linear map's centre and factor after ``init="map"``, else None).
 
     Example:
         >>> import tempfile
@@ -243,6 +523,7 @@ def fit(
     resume: bool = True,
     max_bad_steps: int = 25,
     seed: int | None = None,
+    init: str | None = None,
     **kwargs: Any,
 ) -> FitResult:
     r"""Fit ``guide`` to ``model(*args, **kwargs)`` by stochastic variational inference.
@@ -284,6 +565,17 @@ def fit(
         max_bad_steps: stop with ``FloatingPointError`` after this many consecutive steps with a
             non-finite loss or gradient (such steps never change the parameters).
         seed: seeds Pyro's random state first.
+        init: ``None`` (default): start from the guide's own initialisation; ``"map"``: first
+            start a flowguide guide at the full Laplace approximation at the posterior mode;
+            ``"map-diag"``: at its diagonal (:func:`map_init` with ``covariance="full"`` or
+            ``"diag"``; a warm start for badly scaled or strongly correlated posteriors;
+            skipped when resuming from a checkpoint, which keeps what it found). What it found
+            is in ``result.init``. The optimiser's update of the base location is then
+            multiplied coordinatewise by the Laplace marginal sds :math:`\sigma^\star`: for
+            Adam (whose step does not depend on the gradient's scale) that is Adam on the
+            standardised location :math:`(\mu - z^\star) / \sigma^\star`, so ``lr`` is in
+            posterior sds on every coordinate, not in the model's units (a coordinate with
+            posterior sd 0.001 would otherwise jump 10 sds per step at ``lr=0.01``).
 
     Returns:
         a :class:`FitResult`.
@@ -311,9 +603,21 @@ def fit(
         raise ValueError(f"lr must be > 0, got {lr!r}")
     if not 0 < lr_decay <= 1:
         raise ValueError(f"lr_decay must lie in (0, 1], got {lr_decay!r}")
+    if init not in (None, "map", "map-diag"):
+        raise ValueError(f"init must be None, 'map' or 'map-diag', got {init!r}")
+    if init is not None and not isinstance(guide, AutoFlow):
+        raise TypeError(
+            f"init={init!r} needs a flowguide AutoFlow guide (AutoNeuralSpline, AutoIAF, ...), "
+            f"got {type(guide).__name__}"
+        )
     if seed is not None:
         pyro.set_rng_seed(seed)
     start = time.perf_counter()
+    path = Path(checkpoint) if checkpoint is not None else None
+    found = None
+    if init is not None and not (path is not None and resume and path.exists()):
+        covariance = "full" if init == "map" else "diag"
+        found = map_init(model, guide, *args, covariance=covariance, **kwargs)  # type: ignore[arg-type]
 
     if loss is None and isinstance(guide, AutoFlow):
         registered = [False]
@@ -342,15 +646,24 @@ def fit(
     _check_own_parameters(guide, params)
     optimizer = (optim or _default_optimizer)(list(params.values()), lr=lr)
     gamma = lr_decay ** (1.0 / num_steps)
-    result = FitResult()
+    result = FitResult(init=found)
     step = 0
-    path = Path(checkpoint) if checkpoint is not None else None
+    # init="map": the location's updates are scaled by the Laplace sds (see the docstring)
+    loc_scale = found.scale if found is not None else None
     if path is not None and resume and path.exists():
         state = load_checkpoint(path)
         _restore(state, params, optimizer)
         result.losses = list(state["losses"])
         result.skipped_steps = list(state["skipped_steps"])
         step = int(state["step"])
+        if init is not None and state.get("loc_scale") is not None:
+            loc_scale = state["loc_scale"]
+        if isinstance(guide, AutoFlow) and state.get("laplace") is not None:
+            guide._set_laplace_correlation(*state["laplace"])
+    preconditioned = None
+    if loc_scale is not None:
+        loc = guide.affine.loc  # type: ignore[union-attr]
+        preconditioned = (loc, loc_scale.to(device=loc.device, dtype=loc.dtype))
 
     def save() -> None:
         if path is not None:
@@ -363,6 +676,8 @@ def fit(
                     "losses": result.losses,
                     "skipped_steps": result.skipped_steps,
                     "rng": torch.get_rng_state(),
+                    "loc_scale": None if loc_scale is None else loc_scale.detach().cpu(),
+                    "laplace": _laplace_state(guide),
                 },
                 path,
             )
@@ -394,7 +709,14 @@ def fit(
                 value.backward()
                 finite = _grads_finite(params.values())
             if finite:
-                optimizer.step()
+                if preconditioned is None:
+                    optimizer.step()
+                else:
+                    loc, scale = preconditioned
+                    before = loc.detach().clone()
+                    optimizer.step()
+                    with torch.no_grad():
+                        loc.copy_(before + scale * (loc - before))
                 result.losses.append(value.item())
                 bad = 0
             else:
@@ -429,6 +751,16 @@ def fit(
     result.num_steps = step
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _laplace_state(guide: AutoGuide) -> tuple[Tensor, Tensor] | None:
+    """The fixed linear map that ``map_init(covariance="full")`` appended, for a checkpoint."""
+    if not isinstance(guide, AutoFlow) or guide.prototype_trace is None:
+        return None
+    flows = guide.transform.flows
+    if len(flows) < 3:
+        return None
+    return flows[2].center.detach().cpu(), flows[2].tril.detach().cpu()
 
 
 def _default_optimizer(params: list[Tensor], lr: float) -> torch.optim.Optimizer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import signal
@@ -17,6 +18,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
+from torch.distributions import constraints
 
 import flowguide as fg
 from flowguide.train import load_checkpoint
@@ -289,3 +291,163 @@ def test_stale_parameters_in_the_store_are_refused():
     fg.fit(model, small_guide(), num_steps=3, progress=False, seed=0)
     with pytest.raises(ValueError, match=r"clear_param_store\(\)"):
         fg.fit(model, small_guide(), num_steps=3, progress=False, seed=0)
+
+
+# -- the MAP warm start (init="map") ------------------------------------------------------------
+
+
+def _correlated_regression_data():
+    """Unscaled, strongly correlated predictors: a column near 1000, one that is almost half of
+    it, and one near 0.001; the posterior is a narrow ridge at very different scales."""
+    gen = torch.Generator().manual_seed(0)
+    n = 40
+    x1 = 1000.0 + 50.0 * torch.randn(n, generator=gen, dtype=torch.float64)
+    x2 = 0.5 * x1 + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)
+    x3 = 1e-3 * torch.randn(n, generator=gen, dtype=torch.float64)
+    X = torch.stack([x1, x2, x3], dim=-1)
+    beta = torch.tensor([0.3, -0.2, 500.0], dtype=torch.float64)
+    y = X @ beta + 2.0 * torch.randn(n, generator=gen, dtype=torch.float64)
+    return X, y
+
+
+def linear_regression(X, y, sigma=2.0, prior_sd=1000.0):
+    beta = pyro.sample(
+        "beta", dist.Normal(torch.zeros(X.shape[1], dtype=X.dtype), prior_sd).to_event(1)
+    )
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal((X * beta).sum(-1), sigma), obs=y)
+
+
+def test_map_init_equals_the_closed_form_posterior_of_a_linear_regression():
+    X, y = _correlated_regression_data()
+    # posterior N(m, P^-1) with P = X'X / s^2 + I / s0^2, m = P^-1 X'y / s^2
+    precision = X.T @ X / 4.0 + torch.eye(3, dtype=X.dtype) / 1000.0**2
+    cov = torch.linalg.inv(precision)
+    mean = cov @ (X.T @ y) / 4.0
+    corr = cov[0, 1] / (cov[0, 0] * cov[1, 1]).sqrt()
+    assert corr.abs() > 0.99  # a ridge, as promised
+    guide = fg.AutoNeuralSpline(linear_regression, hidden=(16,))
+    found = fg.map_init(linear_regression, guide, X, y, covariance="diag")
+    torch.testing.assert_close(found.loc, mean, rtol=1e-6, atol=1e-8 * mean.abs().max())
+    torch.testing.assert_close(found.scale, cov.diagonal().sqrt(), rtol=1e-6, atol=0.0)
+    assert found.decrement <= 1e-3 and found.num_evaluations >= 1 and found.scale_tril is None
+    torch.testing.assert_close(guide.affine.loc.detach(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(guide.affine.log_scale.detach().exp(), found.scale)
+    # the flow is left at the identity: the guide is the diagonal Laplace approximation
+    z = mean + cov.diagonal().sqrt() * torch.randn(5, 3, dtype=X.dtype)
+    laplace = dist.Normal(mean, cov.diagonal().sqrt()).to_event(1)
+    torch.testing.assert_close(guide.get_posterior().log_prob(z), laplace.log_prob(z))
+    # covariance="full" (the default): the guide is the full Laplace approximation, which for a
+    # Gaussian posterior is the posterior itself; calling it again replaces the start
+    found = fg.map_init(linear_regression, guide, X, y)
+    torch.testing.assert_close(found.scale_tril @ found.scale_tril.T, cov, rtol=1e-6, atol=0.0)
+    exact = dist.MultivariateNormal(mean, cov)
+    z = exact.sample((5,))
+    torch.testing.assert_close(guide.get_posterior().log_prob(z), exact.log_prob(z))
+    draws = guide.sample_constrained(4000, X, y)["beta"]
+    sd = cov.diagonal().sqrt()
+    assert ((draws.mean(0) - mean).abs() / sd).max() < 0.1
+    assert ((draws.std(0) / sd - 1).abs()).max() < 0.1
+    assert len(guide.transform.flows) == 3  # flow, affine base, the fixed correlation map
+    fg.map_init(linear_regression, guide, X, y, covariance="diag")
+    assert len(guide.transform.flows) == 2
+
+
+def test_map_init_and_fit_with_constrained_sites():
+    # without the improper site: modes known in closed form in the unconstrained space
+    def model():
+        pyro.sample("s", dist.LogNormal(0.5, 0.3))  # u = log s ~ N(0.5, 0.3^2)
+        pyro.sample("p", dist.Beta(3.0, 5.0))  # u = logit p: mode log(3/5), var 8 / 15
+
+    found = fg.map_init(model, fg.AutoIAF(model, hidden=(8,)))
+    expected = torch.tensor([0.5, math.log(3 / 5)])
+    torch.testing.assert_close(found.loc, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(found.scale, torch.tensor([0.3, (8 / 15) ** 0.5]), rtol=1e-4, atol=0)
+    # simplex and positive supports, one with an improper prior; samples stay in the supports
+    pyro.clear_param_store()
+
+    def with_rate():
+        rate = pyro.sample("rate", dist.ImproperUniform(constraints.positive, (), ()))
+        pyro.sample("w", dist.Dirichlet(torch.tensor([2.0, 3.0, 4.0])))
+        pyro.sample("obs", dist.Exponential(rate), obs=torch.tensor([0.7, 1.3]))
+
+    guide = fg.AutoNeuralSpline(with_rate, hidden=(8,))
+    result = fg.fit(with_rate, guide, num_steps=30, progress=False, seed=0, init="map")
+    # u = log rate: log p + log |J| = 2 u - 2 e^u + u, mode e^u = 3 / 2, curvature 2 e^u = 3
+    assert result.init is not None
+    assert abs(result.init.loc[0].item() - math.log(1.5)) < 1e-4
+    assert abs(result.init.scale[0].item() - 3**-0.5) < 1e-4
+    draws = guide.sample_constrained(200)
+    assert (draws["rate"] > 0).all()
+    torch.testing.assert_close(draws["w"].sum(-1), torch.ones(200))
+    assert len(result.losses) == 30 and all(math.isfinite(v) for v in result.losses)
+
+
+def test_map_init_errors_are_named():
+    with pytest.raises(ValueError, match="init must be None, 'map' or 'map-diag', got 'laplace'"):
+        fg.fit(model, small_guide(), num_steps=1, progress=False, init="laplace")
+    with pytest.raises(TypeError, match=r"init='map' needs a flowguide AutoFlow.*AutoNormal"):
+        fg.fit(model, AutoNormal(model), num_steps=1, progress=False, init="map")
+    with pytest.raises(TypeError, match=r"guide must be a flowguide AutoFlow.*AutoNormal"):
+        fg.map_init(model, AutoNormal(model))
+    with pytest.raises(ValueError, match="max_evals must be an integer >= 1, got 0"):
+        fg.map_init(model, small_guide(), max_evals=0)
+    with pytest.raises(ValueError, match="covariance must be 'full' or 'diag', got 'dense'"):
+        fg.map_init(model, small_guide(), covariance="dense")
+    with pytest.raises(ValueError, match="tol must be a number > 0, got -1"):
+        fg.map_init(model, small_guide(), tol=-1)
+
+    def not_finite():
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.factor("bad", x.new_tensor(-math.inf))  # an impossible model
+
+    with pytest.raises(FloatingPointError, match="not finite"):
+        fg.map_init(not_finite, small_guide(not_finite))
+
+    def funnel():  # centred hierarchy: the density grows without bound as tau -> 0
+        tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+        with pyro.plate("groups", 8):
+            theta = pyro.sample("theta", dist.Normal(0.0, tau))
+            pyro.sample("y", dist.Normal(theta, 10.0), obs=torch.zeros(8))
+
+    guide = small_guide(funnel)
+    guide(), pyro.clear_param_store()
+    before = guide.affine.loc.detach().clone()
+    with pytest.raises(ValueError, match="found no mode"):
+        fg.map_init(funnel, guide, max_evals=200)
+    assert torch.equal(guide.affine.loc.detach(), before)  # the guide is left untouched
+
+
+def test_fit_with_map_init_resumes_from_a_checkpoint(tmp_path):
+    """A run resumed from its checkpoint keeps the MAP start's fixed correlation map and the
+    scaled location updates, and continues exactly as an uninterrupted run."""
+    X, y = _correlated_regression_data()
+    path = tmp_path / "fit.pt"
+
+    def run(steps, checkpoint=None):
+        pyro.clear_param_store()
+        guide = fg.AutoIAF(linear_regression, num_flows=1, hidden=(8,))
+        result = fg.fit(
+            linear_regression,
+            guide,
+            X,
+            y,
+            num_steps=steps,
+            progress=False,
+            seed=0,
+            init="map",
+            checkpoint=checkpoint,
+            lr_decay=1.0,
+        )
+        return guide, result
+
+    whole, whole_result = run(40)
+    assert whole_result.init is not None and len(whole.transform.flows) == 3
+    run(20, path)
+    resumed, resumed_result = run(40, path)
+    assert resumed_result.init is None  # not searched again: the checkpoint holds the start
+    assert len(resumed.transform.flows) == 3
+    torch.testing.assert_close(
+        torch.tensor(resumed_result.losses), torch.tensor(whole_result.losses)
+    )
+    torch.testing.assert_close(resumed.affine.loc.detach(), whole.affine.loc.detach())
