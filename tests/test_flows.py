@@ -191,6 +191,40 @@ def test_inverse_gradients_match_finite_differences(family):
     torch.testing.assert_close(j_inv @ j_fwd, torch.eye(dim, dtype=F64), atol=1e-10, rtol=0)
 
 
+def test_planar_stack_second_derivatives_equal_the_layers():
+    """The planar stack's hand-written backward is for first derivatives; under
+    ``create_graph=True`` (Hessians) it must still give exact results, including the
+    dependence of u_hat on w (partial, not total, derivatives of each input)."""
+    from flowguide.transforms.planar import (
+        PlanarParameters,
+        planar_forward,
+        planar_parameters,
+        planar_stack_forward,
+    )
+
+    gen = torch.Generator().manual_seed(3)
+    raw = torch.randn(3, 4, 7, generator=gen, dtype=torch.float64)  # 3 data, 4 layers, dim 3
+    x = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+
+    def stacked(x, raw):
+        y, ladj = planar_stack_forward(x, planar_parameters(raw))
+        return y.square().sum() + ladj.sum()
+
+    def layered(x, raw):
+        p, total = planar_parameters(raw), 0.0
+        for i in range(raw.shape[-2]):
+            x, ladj = planar_forward(x, PlanarParameters(*(t.select(1, i) for t in p)))
+            total = total + ladj.sum()
+        return x.square().sum() + total
+
+    got = torch.autograd.functional.hessian(stacked, (x, raw))
+    want = torch.autograd.functional.hessian(layered, (x, raw))
+    for i in range(2):
+        for j in range(2):
+            assert want[i][j].abs().max() > 0.1
+            torch.testing.assert_close(got[i][j], want[i][j], rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
 def test_planar_is_the_identity_at_u_zero_for_any_w(scale):
     dim = 5

@@ -37,7 +37,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from .base import Flow, _Parameters
 
@@ -248,8 +247,8 @@ def planar_stack_forward(x: Tensor, p: PlanarParameters) -> tuple[Tensor, Tensor
     network for all layers).
 
     The same values as :func:`planar_forward` layer after layer; only the maps run one layer at
-    a time (with a hand-written backward, once differentiable), the log-dets are taken together
-    at the end.
+    a time (with a hand-written backward; higher derivatives are exact too), the log-dets are
+    taken together at the end.
 
     Reference: Rezende & Mohamed 2015, "Variational Inference with Normalizing Flows",
     arXiv:1505.05770.
@@ -287,7 +286,8 @@ class _PlanarStack(torch.autograd.Function):
 
     and then the parameters' gradients for all layers at once:
     :math:`\bar{\hat u}_l = \bar x_l h_l`, :math:`\bar w_l = \bar a_l x_{l-1}`,
-    :math:`\bar b_l = \bar a_l` (summed over broadcast dimensions). Once differentiable."""
+    :math:`\bar b_l = \bar a_l` (summed over broadcast dimensions). Under ``create_graph=True``
+    the backward differentiates the plain composition instead, so higher derivatives are exact."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -303,15 +303,19 @@ class _PlanarStack(torch.autograd.Function):
         ):
             torch.tanh(torch.linalg.vecdot(xs[i], wi) + bi, out=hs[i])
             torch.addcmul(xs[i], ui, hs[i].unsqueeze(-1), out=xs[i + 1])
-        ctx.save_for_backward(xs, hs, w, u_hat)
-        ctx.shapes = (x.shape, b.shape)
+        ctx.save_for_backward(xs, hs, x, w, u_hat, b)
         return xs[-1].clone(), hs.movedim(0, -1)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_y: Tensor, grad_h: Tensor | None) -> tuple[Tensor | None, ...]:
-        xs, hs, w, u_hat = ctx.saved_tensors
-        x_shape, b_shape = ctx.shapes
+        xs, hs, x, w, u_hat, b = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient must itself be differentiable (Hessians), which
+            # the written-out chain rule below is not (its saved x_l, h_l carry no graph), so
+            # differentiate the plain composition instead (fix: higher derivatives were
+            # silently missing these layers' terms)
+            return _stack_backward_graph(ctx.needs_input_grad, (x, w, u_hat, b), grad_y, grad_h)
+        x_shape, b_shape = x.shape, b.shape
         g = grad_y.expand(xs.shape[1:])
         slope = 1 - hs * hs  # d h_l / d a_l
         # a_l's gradient is (x_l's gradient . u_l + h_l's own) * slope_l: the second part at once
@@ -336,6 +340,33 @@ class _PlanarStack(torch.autograd.Function):
         if need[3]:
             grad_b = gas.sum_to_size(b_shape)
         return grad_x, grad_w, grad_u, grad_b
+
+
+def _stack_backward_graph(
+    needs: tuple[bool, ...], inputs: tuple[Tensor, ...], grad_y: Tensor, grad_h: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """``_PlanarStack``'s backward as a differentiable graph: the layers recomputed with torch
+    operations and differentiated with ``create_graph=True``."""
+    with torch.enable_grad():
+        # aliases, so that the gradients are partial derivatives in each input: asked of the
+        # inputs themselves, autograd would also follow any path between them (u_hat depends
+        # on w) and return total derivatives
+        inputs = tuple(t.view_as(t) for t in inputs)
+        z, w, u_hat, b = inputs
+        hs = []
+        for wi, ui, bi in zip(w.unbind(-2), u_hat.unbind(-2), b.unbind(-1), strict=True):
+            h = torch.tanh(torch.linalg.vecdot(z, wi) + bi)
+            z = z + ui * h.unsqueeze(-1)
+            hs.append(h)
+        outputs, grads = [z], [grad_y]
+        if grad_h is not None:
+            outputs.append(torch.stack(hs, -1))
+            grads.append(grad_h)
+        wanted = [t for t, need in zip(inputs, needs, strict=False) if need]
+        found = iter(
+            torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True)
+        )
+    return tuple(next(found) if need else None for need in needs[: len(inputs)])
 
 
 def planar_stack_inverse(
