@@ -28,7 +28,22 @@ Methods, all with the same warm-up and draws, one chain each (except the many-ch
   ``flowguide.fit``), then ``NUTS`` on ``poutine.reparam(model, NeuTraReparam(guide))`` and
   ``NeuTraReparam.transform_sample`` to get the draws back.
 
-NumPyro is not installed in this environment, so no NumPyro sampler is compared.
+* ``numpyro NUTS`` and ``numpyro NeuTra (AutoIAFNormal)`` (only where ``numpyro`` and ``jax``
+  are installed, and only on the targets with a NumPyro version of the model: the funnel, eight
+  schools and gp_pois_regr, written here from the same definitions): NumPyro's NUTS with the same
+  defaults, float64 (``numpyro.enable_x64()``), JAX on one CPU thread; and NumPyro's NeuTra route,
+  ``numpyro.infer.autoguide.AutoIAFNormal`` (its defaults) fitted by ``numpyro.infer.SVI`` with
+  ``Trace_ELBO`` (same steps and particles, Adam with the same learning-rate decay), then NUTS on
+  ``NeuTraReparam(guide, params).reparam(model)`` and ``transform_sample`` to get the draws back.
+  NumPyro's gradient evaluations are its NUTS's ``num_steps`` extra field (leapfrog steps per
+  transition) summed over warm-up and draws (warm-up run with ``collect_warmup=True``); its
+  initial gradient and step-size search are not in that count (a handful). NumPyro's seconds
+  include JAX's compilation (a few seconds per warm-up, per sampling phase and per fit; a
+  throwaway 2 + 2 iteration run before the first NumPyro method takes JAX's one-off start-up
+  out of them, and its time is printed).
+
+NumPyro is optional: install it with ``pip install numpyro jax jaxlib`` (not a dependency of
+flowguide); without it those two methods are skipped with a note.
 
 Per target, method and seed it reports the minimum bulk ESS over the reference coordinates
 (``arviz.ess(..., method="bulk")`` on the draws grouped by chain), gradient evaluations (Pyro's
@@ -52,8 +67,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -61,6 +78,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -88,7 +106,10 @@ METHODS = [
     "NeuTra NUTS (AutoNeuralSpline)",
     "ManyChainHMC (AutoIAF)",
     "pyro NeuTraReparam (AutoIAFNormal)",
+    "numpyro NUTS",
+    "numpyro NeuTra (AutoIAFNormal)",
 ]
+NUMPYRO_METHODS = ("numpyro NUTS", "numpyro NeuTra (AutoIAFNormal)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,6 +124,8 @@ class Target:
     reference: dict[str, tuple[float, float]]
     # site name -> (N, *site_shape) draws  to  reference name -> (N,) draws
     extract: Callable[[dict[str, Tensor]], dict[str, Tensor]]
+    # the NumPyro modules (see _numpyro) -> the same model written for NumPyro, same site names
+    numpyro_model: Callable[[SimpleNamespace], Callable[[], None]] | None = None
 
 
 def _funnel(dim: int = 10) -> Target:
@@ -122,7 +145,15 @@ def _funnel(dim: int = 10) -> Target:
     def extract(s: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"y": s["y"], **{f"x[{i + 1}]": s["x"][:, i] for i in range(dim - 1)}}
 
-    return Target(f"funnel-{dim}d", model, ref, extract)
+    def numpyro_model(np_: SimpleNamespace) -> Callable[[], None]:
+        def np_model() -> None:
+            y = np_.numpyro.sample("y", np_.dist.Normal(0.0, 3.0))
+            scale = np_.jnp.exp(y / 2)
+            np_.numpyro.sample("x", np_.dist.Normal(np_.jnp.zeros(dim - 1), scale).to_event(1))
+
+        return np_model
+
+    return Target(f"funnel-{dim}d", model, ref, extract, numpyro_model)
 
 
 def _ar1_gauss(dim: int = 100, rho: float = 0.95) -> Target:
@@ -145,6 +176,56 @@ def _ar1_gauss(dim: int = 100, rho: float = 0.95) -> Target:
 POSTERIORDB = ["eight_schools-eight_schools_centered", "gp_pois_regr-gp_pois_regr"]
 
 
+def _np_eight_schools_centered(data: dict[str, Any]) -> Callable[[SimpleNamespace], Callable]:
+    """Eight schools, centred (as ``benchmarks/posteriordb.py`` writes it for Pyro)."""
+
+    def numpyro_model(np_: SimpleNamespace) -> Callable[[], None]:
+        jnp, numpyro, d = np_.jnp, np_.numpyro, np_.dist
+        y, sigma = jnp.asarray(data["y"], dtype=float), jnp.asarray(data["sigma"], dtype=float)
+
+        def np_model() -> None:
+            mu = numpyro.sample("mu", d.Normal(0.0, 5.0))
+            tau = numpyro.sample("tau", d.HalfCauchy(5.0))
+            with numpyro.plate("schools", int(data["J"])):
+                theta = numpyro.sample("theta", d.Normal(mu, tau))
+                numpyro.sample("y", d.Normal(theta, sigma), obs=y)
+
+        return np_model
+
+    return numpyro_model
+
+
+def _np_gp_pois_regr(data: dict[str, Any]) -> Callable[[SimpleNamespace], Callable]:
+    """The latent GP with a Poisson likelihood, noncentred (as in ``benchmarks/posteriordb.py``):
+    ``rho ~ Gamma(25, 4)``, ``alpha ~ HalfNormal(2)``, ``f_tilde ~ N(0, I)``, ``f = L f_tilde``
+    with ``L L^T = alpha^2 exp(-d^2 / (2 rho^2)) + 1e-10 I``, ``k ~ Poisson(exp(f))``."""
+
+    def numpyro_model(np_: SimpleNamespace) -> Callable[[], None]:
+        jnp, numpyro, d = np_.jnp, np_.numpyro, np_.dist
+        x, k = jnp.asarray(data["x"], dtype=float), jnp.asarray(data["k"], dtype=float)
+        n = x.shape[0]
+        sq_dist = jnp.square(x[:, None] - x[None, :])
+
+        def np_model() -> None:
+            rho = numpyro.sample("rho", d.Gamma(25.0, 4.0))
+            alpha = numpyro.sample("alpha", d.HalfNormal(2.0))
+            f_tilde = numpyro.sample("f_tilde", d.Normal(jnp.zeros(n), 1.0).to_event(1))
+            cov = alpha**2 * jnp.exp(-sq_dist / (2 * rho**2)) + 1e-10 * jnp.eye(n)
+            f = jnp.linalg.cholesky(cov) @ f_tilde
+            with numpyro.plate("points", n):
+                numpyro.sample("k", d.Poisson(jnp.exp(f)), obs=k)
+
+        return np_model
+
+    return numpyro_model
+
+
+NUMPYRO_MODELS = {
+    "eight_schools-eight_schools_centered": _np_eight_schools_centered,
+    "gp_pois_regr-gp_pois_regr": _np_gp_pois_regr,
+}
+
+
 def targets(root: Path | None, only: list[str] | None) -> list[Target]:
     """The targets whose name contains one of ``only`` (all when ``only`` is empty); the
     posteriordb ones only when ``root`` is a folder."""
@@ -154,7 +235,9 @@ def targets(root: Path | None, only: list[str] | None) -> list[Target]:
 
         for name in POSTERIORDB:
             post = pdb.load_posterior(name, root)
-            out.append(Target(name, post.model, post.reference, post.extract))
+            data = json.loads((root / name / "data.json").read_text())
+            np_model = NUMPYRO_MODELS[name](data) if name in NUMPYRO_MODELS else None
+            out.append(Target(name, post.model, post.reference, post.extract, np_model))
     elif root is not None:
         print(f"note: no posteriordb folder at {root}; skipping its targets", file=sys.stderr)
     out.append(_ar1_gauss(100, 0.95))
@@ -373,6 +456,122 @@ def _pyro_neutra_float64(
     return samples, kernel.num_grad_evals, divergences, sample_s, fit_s
 
 
+_XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def _numpyro() -> SimpleNamespace | None:
+    """NumPyro and JAX (float64, CPU, one thread), or ``None`` where they are not installed."""
+    if "jax" not in sys.modules:  # the flags count only before JAX starts
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "intra_op_parallelism_threads" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} {_XLA_ONE_THREAD}".strip()
+    try:
+        with _quiet():
+            import jax
+            import jax.numpy as jnp
+            import numpyro
+            import numpyro.distributions as ndist
+            from numpyro import infer
+            from numpyro.infer import autoguide, reparam
+    except ImportError:
+        return None
+    numpyro.set_platform("cpu")
+    numpyro.enable_x64()
+    return SimpleNamespace(
+        jax=jax,
+        jnp=jnp,
+        numpyro=numpyro,
+        dist=ndist,
+        infer=infer,
+        autoguide=autoguide,
+        reparam=reparam,
+        version=f"numpyro {numpyro.__version__}, jax {jax.__version__}",
+    )
+
+
+def _np_to_torch(samples: dict[str, Any]) -> dict[str, Tensor]:
+    """NumPyro's ``(draws, *site_shape)`` arrays to ``(1, draws, *site_shape)`` float64 tensors."""
+    return {k: torch.tensor(np.array(v), dtype=DTYPE).unsqueeze(0) for k, v in samples.items()}
+
+
+def _np_nuts_run(
+    np_: SimpleNamespace, model: Callable[[], None], cfg: Config, key: Any
+) -> tuple[Any, int, int, float]:
+    """NumPyro's NUTS on ``model``: (the MCMC object, gradient evaluations, divergences after
+    warm-up, seconds). Gradients: the ``num_steps`` extra field summed over the warm-up (run
+    separately with ``collect_warmup=True``) and the draws."""
+    kernel = np_.infer.NUTS(model, max_tree_depth=cfg.max_tree_depth)
+    mcmc = np_.infer.MCMC(
+        kernel, num_warmup=cfg.warmup, num_samples=cfg.samples, progress_bar=False
+    )
+    start = time.perf_counter()
+    with _quiet():
+        mcmc.warmup(key, extra_fields=("num_steps",), collect_warmup=True)
+        grads = int(np.sum(np.asarray(mcmc.get_extra_fields()["num_steps"])))
+        mcmc.run(mcmc.post_warmup_state.rng_key, extra_fields=("num_steps", "diverging"))
+        extra = mcmc.get_extra_fields()
+        np_.jax.block_until_ready(mcmc.get_samples())
+    seconds = time.perf_counter() - start
+    grads += int(np.sum(np.asarray(extra["num_steps"])))
+    return mcmc, grads, int(np.sum(np.asarray(extra["diverging"]))), seconds
+
+
+_NP_WARMED: list[bool] = []
+
+
+def _np_warm_jax(np_: SimpleNamespace, model: Callable[[], None], seed: int) -> None:
+    """Once per process, a throwaway 2 + 2 iteration NUTS run, so that JAX's one-off start-up
+    is not charged to the NumPyro method that runs first; prints its seconds."""
+    if _NP_WARMED:
+        return
+    small = Config(2, 2, 0, 1, 1, 0, 1, max_tree_depth=2)
+    start = time.perf_counter()
+    _np_nuts_run(np_, model, small, np_.jax.random.PRNGKey(seed + 10_000))
+    _NP_WARMED.append(True)
+    print(f"    NumPyro throwaway 2 + 2 run: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+def _numpyro_nuts(
+    np_: SimpleNamespace, target: Target, cfg: Config, seed: int
+) -> tuple[dict[str, Tensor], int, int, float]:
+    assert target.numpyro_model is not None
+    model = target.numpyro_model(np_)
+    _np_warm_jax(np_, model, seed)
+    mcmc, grads, divs, seconds = _np_nuts_run(np_, model, cfg, np_.jax.random.PRNGKey(seed))
+    return _np_to_torch(mcmc.get_samples()), grads, divs, seconds
+
+
+def _numpyro_neutra(
+    np_: SimpleNamespace, target: Target, cfg: Config, seed: int
+) -> tuple[dict[str, Tensor], int, int, float, float]:
+    """NumPyro's route: AutoIAFNormal fitted by SVI, NUTS on the NeuTraReparam'd model."""
+    assert target.numpyro_model is not None
+    model = target.numpyro_model(np_)
+    _np_warm_jax(np_, model, seed)
+    jax = np_.jax
+    guide = np_.autoguide.AutoIAFNormal(model)
+    steps = cfg.fit_steps
+
+    def schedule(t: Any) -> Any:  # flowguide.fit's: 0.01 decaying exponentially to 0.001
+        return 0.01 * 0.1 ** (t / steps)
+
+    svi = np_.infer.SVI(
+        model, guide, np_.numpyro.optim.Adam(schedule), np_.infer.Trace_ELBO(cfg.particles)
+    )
+    start = time.perf_counter()
+    with _quiet():
+        fitted = svi.run(jax.random.PRNGKey(seed + 1), steps, progress_bar=False)
+        jax.block_until_ready(fitted.params)
+    fit_s = time.perf_counter() - start
+    neutra = np_.reparam.NeuTraReparam(guide, fitted.params)
+    mcmc, grads, divs, seconds = _np_nuts_run(
+        np_, neutra.reparam(model), cfg, jax.random.PRNGKey(seed)
+    )
+    latent = mcmc.get_samples()["auto_shared_latent"]
+    samples = neutra.transform_sample(latent)
+    return _np_to_torch(dict(samples)), grads, divs, seconds, fit_s
+
+
 def run_target(target: Target, methods: list[str], cfg: Config, seed: int) -> list[dict[str, Any]]:
     """Every method on one target with one seed; a failed method gives a row with ``error``."""
     rows: list[dict[str, Any]] = []
@@ -443,6 +642,14 @@ def run_target(target: Target, methods: list[str], cfg: Config, seed: int) -> li
         samples, grads, divs, sample_s, fit_s = _pyro_neutra(target, cfg, seed)
         return samples, grads, divs, sample_s, fit_s, None
 
+    def numpyro_nuts() -> tuple:
+        samples, grads, divs, secs = _numpyro_nuts(np_, target, cfg, seed)
+        return samples, grads, divs, secs, 0.0, None
+
+    def numpyro_neutra() -> tuple:
+        samples, grads, divs, sample_s, fit_s = _numpyro_neutra(np_, target, cfg, seed)
+        return samples, grads, divs, sample_s, fit_s, None
+
     # AutoIAF's fit is shared by NeuTra NUTS and ManyChainHMC, so those two run back to back
     # (a later clear_param_store would orphan the fitted guide's parameters)
     plan: dict[str, Callable[[], tuple]] = {
@@ -451,10 +658,18 @@ def run_target(target: Target, methods: list[str], cfg: Config, seed: int) -> li
         "ManyChainHMC (AutoIAF)": many_chain,
         "NeuTra NUTS (AutoNeuralSpline)": neutra(fg.AutoNeuralSpline),
         "pyro NeuTraReparam (AutoIAFNormal)": pyro_neutra,
+        "numpyro NUTS": numpyro_nuts,
+        "numpyro NeuTra (AutoIAFNormal)": numpyro_neutra,
     }
+    np_ = _numpyro() if set(NUMPYRO_METHODS) & set(methods) else None
     for method, fn in plan.items():
-        if method in methods:
-            record(method, fn)
+        if method not in methods:
+            continue
+        if method in NUMPYRO_METHODS and (np_ is None or target.numpyro_model is None):
+            why = "NumPyro is not installed" if np_ is None else "no NumPyro version of the model"
+            print(f"note: {method} skipped on {target.name}: {why}", file=sys.stderr)
+            continue
+        record(method, fn)
     order = {m: i for i, m in enumerate(METHODS)}
     return sorted(rows, key=lambda r: order[r["method"]])
 
@@ -552,9 +767,19 @@ def _goals(rows: list[dict[str, Any]]) -> list[str]:
                 speed = d["ess_per_s_total"] / _derived(pyro_route)["ess_per_s_total"]
                 parts.append(
                     f"fit+sampling {speed:.1f}x Pyro's NeuTraReparam route in ESS per second "
-                    f"(goal >= 5x: {_verdict(speed >= 5)})"
+                    f"(goal >= 5x: {_verdict(speed >= 5)});"
                 )
-            lines.append(" ".join(parts))
+            peer = by.get("numpyro NeuTra (AutoIAFNormal)")
+            if peer is not None and method.startswith("ManyChainHMC"):
+                p = _derived(peer)
+                ahead = d["ess_per_s"] / p["ess_per_s"]
+                ahead_total = d["ess_per_s_total"] / p["ess_per_s_total"]
+                parts.append(
+                    f"ESS per second {ahead:.2f}x NumPyro's NeuTra in sampling and "
+                    f"{ahead_total:.2f}x with the fits (goal: ahead: {_verdict(ahead > 1)} and "
+                    f"{_verdict(ahead_total > 1)})"
+                )
+            lines.append(" ".join(parts).rstrip(";"))
     return lines
 
 
@@ -594,12 +819,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         )
         only = args.only
     chosen = targets(args.root, only)
+    np_ = _numpyro() if set(NUMPYRO_METHODS) & set(args.methods) else None
+    peer = np_.version + " (float64, 1 thread)" if np_ is not None else "NumPyro not compared"
     intro = [
         f"warm-up {cfg.warmup}, draws {cfg.samples} (one chain); fit {cfg.fit_steps} steps x "
         f"{cfg.particles} particles; ManyChainHMC {cfg.chains} chains x ({cfg.mc_warmup} warm-up "
         f"+ {cfg.mc_samples} draws); NUTS max tree depth {cfg.max_tree_depth}; seeds "
         f"{args.seeds}; torch {torch.__version__}, pyro {pyro.__version__}, "
-        f"{torch.get_num_threads()} thread; NumPyro not installed (not compared)",
+        f"{torch.get_num_threads()} thread; {peer}",
         "",
     ]
     print("\n".join(intro + HEADER), flush=True)
