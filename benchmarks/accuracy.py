@@ -21,12 +21,13 @@ proportion to their Pareto-smoothed weights (sampling/importance resampling). Th
 "PSIS-corrected" and never replace the guide's own columns: they show what the fitted guide is
 worth as an importance sampler, not what the guide itself gives.
 
-``--init map`` warm-starts the flowguide guides at the posterior mode with Laplace scales
-(``flowguide.fit(..., init="map")``, see ``flowguide.map_init``); Pyro's guides keep their own
-start. A target without a proper mode then fails with ``map_init``'s error in the table.
+``--init map`` warm-starts the flowguide guides at the full Laplace approximation at the
+posterior mode (``flowguide.fit(..., init="map")``, see ``flowguide.map_init``), ``--init
+map-diag`` at its diagonal; Pyro's guides keep their own start. A target without a proper
+mode then fails with ``map_init``'s error in the table.
 
 Run: ``python benchmarks/accuracy.py [--root PATH] [--quick] [--steps N] [--only NAME ...]
-[--init map]``.
+[--init {guide,map,map-diag}]``.
 """
 
 from __future__ import annotations
@@ -256,10 +257,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument(
         "--init",
-        choices=["guide", "map"],
+        choices=["guide", "map", "map-diag"],
         default="guide",
-        help="start flowguide guides at their own init (default) or at the MAP with Laplace "
-        "scales (flowguide.fit(init='map'))",
+        help="start flowguide guides at their own init (default), at the full Laplace "
+        "approximation at the MAP (flowguide.fit(init='map')) or at its diagonal ('map-diag')",
     )
     parser.add_argument("--output", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows, lines = [], []
     for target in chosen:
         for method in args.methods:
-            init = "map" if args.init == "map" else None
+            init = None if args.init == "guide" else args.init
             row = run(target, method, steps, args.particles, args.seed, draws, init)
             rows.append(row)
             lines.append(_fmt(row))
