@@ -482,9 +482,10 @@ class _LaplaceCorrelation(Flow):
     covariance="full")``, it turns the diagonal Laplace start :math:`\mathcal{N}(c, D^2)` into
     the full one :math:`\mathcal{N}(c, \Sigma)`, :math:`L = D C D^{-1}`, :math:`C` the Cholesky
     factor of the correlation matrix of :math:`\Sigma` and :math:`D` its marginal sds.
-    :math:`\log|\det J| = \sum_i \log L_{ii} = 0` (the diagonal of :math:`C` times
-    :math:`D D^{-1}`), computed anyway. Its tensors are buffers: they move with the guide
-    (``.to``) and are never trained."""
+    :math:`\log|\det J| = \sum_i \log L_{ii} = \sum_i \log C_{ii}
+    = \tfrac12 \log\det(\text{correlation}) \le 0` (the diagonal of :math:`L` is that of
+    :math:`C`). Its tensors are buffers: they move with the guide (``.to``) and are never
+    trained."""
 
     def __init__(self, center: Tensor, tril: Tensor) -> None:
         super().__init__(center.shape[-1])

@@ -239,17 +239,16 @@ def map_init(
     :math:`f` is left as it is (the identity in a fresh guide).
 
     With ``covariance="diag"`` that is all: the guide starts as the diagonal of the Laplace
-    approximation. With ``covariance="full"`` (default) a fixed, untrained linear map
-    :math:`y = z^\star + L (x - z^\star)`, :math:`L = D C D^{-1}` (:math:`D` = diag of
-    :math:`\sigma`, :math:`C` the Cholesky factor of the Laplace correlation matrix,
-    :math:`\log|\det L| = 0`), is appended after the base, so the guide starts as the full
-    Laplace approximation :math:`\mathcal{N}(z^\star, H^{-1})` and the flow and base learn the
-    posterior's departure from it in decorrelated, standardised coordinates. On a nearly
-    singular posterior (a regression on strongly correlated, unscaled predictors) that matters:
-    a diagonal start with the marginal sds puts its draws far off the ridge, and the first
-    steps of SVI blow the scales up (kilpisjarvi in ``docs/benchmarks/accuracy.md``). Calling
-    it again replaces the map (``"diag"`` removes it). ``flowguide.fit(..., init="map")``
-    (full) or ``init="map-diag"`` calls it before the first step.
+    approximation. With ``covariance="full"`` (default) a fixed, untrained linear map :math:`y =
+    z^\star + L (x - z^\star)`, :math:`L = D C D^{-1}` (:math:`D` = diag of :math:`\sigma`,
+    :math:`C` the Cholesky factor of the Laplace correlation matrix, :math:`\log|\det L| = \sum_i
+    \log C_{ii}`), is appended after the base, so the guide starts as the full Laplace approximation
+    :math:`\mathcal{N}(z^\star, H^{-1})` and the flow and base learn the posterior's departure from
+    it in decorrelated, standardised coordinates. On a nearly singular posterior (a regression on
+    strongly correlated, unscaled predictors) that matters: a diagonal start with the marginal sds
+    puts its draws far off the ridge, and the first steps of SVI blow the scales up (kilpisjarvi in
+    ``docs/benchmarks/accuracy.md``). Calling it again replaces the map (``"diag"`` removes it).
+    ``flowguide.fit(..., init="map")`` (full) or ``init="map-diag"`` calls it before the first step.
 
     A posterior without a proper mode in the unconstrained space (a funnel such as a centred
     hierarchical model, whose density grows without bound as the group scale goes to 0) has no
