@@ -19,8 +19,10 @@ with :math:`e` the user's encoder (any ``nn.Module`` that maps a batch of data t
 feature vectors), three linear heads added by flowguide (:math:`\mu`, :math:`\sigma` through a
 softplus, and a context :math:`h`), and :math:`f_h` a conditional flow that reads :math:`h`:
 
-* ``"planar"``, ``"radial"``: planar or radial layers whose parameters an MLP of :math:`h`
-  predicts per datum (Rezende & Mohamed 2015, section 4.2);
+* ``"planar"``: planar layers whose parameters one linear map of :math:`h` predicts per datum,
+  all layers at once (:class:`AmortizedPlanar`; Rezende & Mohamed 2015, section 4.2);
+* ``"radial"``: radial layers whose parameters an MLP of :math:`h` predicts per datum, one MLP
+  per layer;
 * ``"iaf"``: inverse autoregressive layers whose MADE also reads :math:`h` (Kingma et al. 2016),
   the autoregressive order reversed between layers;
 * ``"nsf"``: rational-quadratic spline autoregressive layers with :math:`h` fed to the MADE
@@ -237,7 +239,7 @@ class AmortizedPlanar(Flow):
         dim: the dimension :math:`D`.
         context_dim: the context's width (at least 1).
         num_flows: the number of layers :math:`L`.
-        hidden: the hidden widths of :math:`g`; ``()`` for one linear map.
+        hidden: the hidden widths of :math:`g`; ``()`` (the default) for one linear map.
         activation: :math:`g`'s hidden activation.
         max_iter: the most Newton steps of each layer's inverse.
 
@@ -264,7 +266,7 @@ class AmortizedPlanar(Flow):
         dim: int,
         context_dim: int,
         num_flows: int = 16,
-        hidden: Sequence[int] = (64,),
+        hidden: Sequence[int] = (),
         activation: type[nn.Module] = nn.ReLU,
         max_iter: int = 100,
         cache_size: int = 1,
