@@ -18,7 +18,7 @@ Methods, all with the same warm-up and draws, one chain each (except the many-ch
 * ``NeuTra NUTS (AutoIAF)`` and ``NeuTra NUTS (AutoNeuralSpline)``: the guide (defaults) fitted
   with ``flowguide.fit`` (``--fit-steps`` steps, ``--particles`` particles, no early stopping),
   then ``flowguide.neutra.NeuTraMCMC(kernel="nuts")`` in its base space (Pyro's NUTS kernel with
-  the same defaults);
+  NeuTraMCMC's defaults: as above but target acceptance 0.9);
 * ``ManyChainHMC (AutoIAF)``: ``flowguide.neutra.ManyChainHMC`` in the base space of the same
   AutoIAF fit, ``--chains`` chains in lock-step with ChEES trajectory adaptation
   (``--mc-warmup`` warm-up transitions and ``--mc-samples`` draws per chain); the fit time is the
