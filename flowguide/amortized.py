@@ -88,7 +88,7 @@ from .transforms import (
 )
 from .transforms.planar import (
     PlanarParameters,
-    planar_parameters,
+    _planar_parameters,
     planar_stack_forward,
     planar_stack_inverse,
 )
@@ -297,21 +297,19 @@ class AmortizedPlanar(Flow):
     def layer_parameters(self, context: Tensor) -> PlanarParameters:
         """Every layer's parameters for ``context`` of shape ``(..., context_dim)``: ``w`` and
         ``u_hat`` of shape ``(..., num_flows, dim)``, the others ``(..., num_flows)``."""
-        raw = self.net(self._check_context(context))
-        return planar_parameters(raw.unflatten(-1, (self.num_flows, 2 * self.dim + 1)))
+        return self._stack_parameters(self._check_context(context))
+
+    def _stack_parameters(self, context: Tensor | None) -> PlanarParameters:
+        # the context was checked where it was bound (``condition``), and the network's output
+        # has the raw vectors' shape by construction: no checks on the forward and inverse paths
+        raw = self.net(context).unflatten(-1, (self.num_flows, 2 * self.dim + 1))
+        return _planar_parameters(raw, self.dim)
 
     def _forward_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        return planar_stack_forward(x, self.layer_parameters(self._need(context)))
+        return planar_stack_forward(x, self._stack_parameters(context))
 
     def _inverse_ladj(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        return planar_stack_inverse(y, self.layer_parameters(self._need(context)), self.max_iter)
-
-    def _need(self, context: Tensor | None) -> Tensor:
-        if context is None:
-            raise ValueError(
-                f"{type(self).__name__} needs a context of shape (..., {self.context_dim})"
-            )
-        return context
+        return planar_stack_inverse(y, self._stack_parameters(context), self.max_iter)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_flows={self.num_flows}, max_iter={self.max_iter}"

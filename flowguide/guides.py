@@ -351,6 +351,11 @@ class AutoFlow(AutoContinuous):
         """The learnable diagonal Normal's location and scale, as an elementwise affine map."""
         return self.transform[1]  # type: ignore[return-value]
 
+    def _laplace_correlation(self) -> _LaplaceCorrelation | None:
+        """The fixed linear map that ``flowguide.map_init`` appended after the base, if any."""
+        flows = self.transform.flows
+        return flows[2] if len(flows) > 2 else None  # type: ignore[return-value]
+
     def _set_laplace_correlation(self, center: Tensor | None, tril: Tensor | None) -> None:
         """Append (or replace, or with ``None`` remove) the fixed linear map
         :class:`_LaplaceCorrelation` after the affine base (``flowguide.map_init``)."""

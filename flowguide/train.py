@@ -392,9 +392,8 @@ def map_init(
     scale = cov.diagonal().sqrt()
     scale_tril = tril = None
     if covariance == "full":
-        scale_tril = torch.linalg.cholesky(cov)
-        corr_tril = torch.linalg.cholesky(cov / scale.unsqueeze(-1) / scale)
-        tril = scale.unsqueeze(-1) * corr_tril / scale  # L = D C D^-1
+        scale_tril = torch.linalg.cholesky(cov)  # = D C, C the correlation's Cholesky factor
+        tril = scale_tril / scale  # L = D C D^-1
     with torch.no_grad():
         affine.loc.copy_(z.to(affine.loc))
         affine.log_scale.copy_(scale.log().to(affine.log_scale))
@@ -756,10 +755,10 @@ def _laplace_state(guide: AutoGuide) -> tuple[Tensor, Tensor] | None:
     """The fixed linear map that ``map_init(covariance="full")`` appended, for a checkpoint."""
     if not isinstance(guide, AutoFlow) or guide.prototype_trace is None:
         return None
-    flows = guide.transform.flows
-    if len(flows) < 3:
+    laplace = guide._laplace_correlation()
+    if laplace is None:
         return None
-    return flows[2].center.detach().cpu(), flows[2].tril.detach().cpu()
+    return laplace.center.detach().cpu(), laplace.tril.detach().cpu()
 
 
 def _default_optimizer(params: list[Tensor], lr: float) -> torch.optim.Optimizer:

@@ -124,7 +124,7 @@ class Planar(Flow):
 
     def _split(self, context: Tensor | None) -> PlanarParameters:
         """The layer's parameters for ``context``, each with the context's batch shape."""
-        return planar_parameters(self.params(context))
+        return _planar_parameters(self.params(context), self.dim)
 
     def _forward_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         return planar_forward(x, self._split(context))
@@ -176,7 +176,12 @@ def planar_parameters(raw: Tensor) -> PlanarParameters:
             f"raw must have shape (..., 2 * dim + 1) with dim >= 1 (u, w and b), got "
             f"{tuple(raw.shape)}"
         )
-    dim = (width - 1) // 2
+    return _planar_parameters(raw, (width - 1) // 2)
+
+
+def _planar_parameters(raw: Tensor, dim: int) -> PlanarParameters:
+    """:func:`planar_parameters` without the argument checks, for the flows' forward and
+    inverse passes, whose raw vectors have the right shape by construction."""
     u, w, b = raw.split((dim, dim, 1), dim=-1)
     wu = torch.linalg.vecdot(w, u).unsqueeze(-1)
     # fix: keep 1 + w.u_hat = softplus(w.u + log(e - 1)) itself, floored at the smallest normal
@@ -386,12 +391,12 @@ def planar_stack_inverse(
         >>> bool(torch.allclose(x2, x, atol=1e-4)), bool(torch.allclose(ladj2, ladj, atol=1e-4))
         (True, True)
     """
-    total: Tensor | None = None
+    # the log-dets' shape even for an empty stack, as planar_stack_forward gives it
+    total = y.new_zeros(torch.broadcast_shapes(y.shape[:-1], p.b.shape[:-1]))
     layers = zip(*(t.unbind(-2) for t in p[:2]), *(t.unbind(-1) for t in p[2:]), strict=True)
     for layer in reversed(list(layers)):
         y, ladj = planar_inverse(y, PlanarParameters(*layer), max_iter)
-        total = ladj if total is None else total + ladj
-    assert total is not None
+        total = total + ladj
     return y, total
 
 
