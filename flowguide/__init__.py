@@ -4,7 +4,7 @@ from . import diagnostics, distributed, nn, transforms
 from .amortized import AmortizedFlowPosterior, AutoAmortizedFlow
 from .guides import AutoFlow, AutoIAF, AutoNeuralSpline, AutoPlanar, AutoRadial
 from .neutra import ManyChainHMC, NeuTraMCMC, NeuTraPotential
-from .train import FitResult, MapInit, fit, map_init
+from .train import FitResult, MapInit, NoModeError, fit, map_init
 from .transforms import (
     AffineAutoregressive,
     Compose,
@@ -34,6 +34,7 @@ __all__ = [
     "MapInit",
     "NeuTraMCMC",
     "NeuTraPotential",
+    "NoModeError",
     "Permute",
     "Planar",
     "Radial",

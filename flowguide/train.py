@@ -46,6 +46,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "FitResult",
     "MapInit",
+    "NoModeError",
     "fit",
     "flow_elbo_loss",
     "load_checkpoint",
@@ -53,6 +54,29 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "flowguide-checkpoint-v1"
+
+#: ``fit(init="auto")`` tries a MAP start up to this latent dimension (its Hessian has D^2 entries)
+AUTO_MAP_MAX_DIM = 1000
+
+
+class NoModeError(ValueError):
+    """:func:`map_init` found no proper mode of the posterior in the unconstrained space (a
+    funnel, an improper posterior), so there is no Laplace approximation to start from.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> from torch.distributions import constraints
+        >>> from flowguide import AutoIAF
+        >>> def model():  # b's density is flat: no mode
+        ...     pyro.sample("a", dist.Normal(0.0, 1.0))
+        ...     pyro.sample("b", dist.ImproperUniform(constraints.real, (), ()))
+        >>> pyro.clear_param_store()
+        >>> try:
+        ...     map_init(model, AutoIAF(model))
+        ... except NoModeError as error:
+        ...     print(str(error)[:47])
+        map_init found no mode of the model's posterior
+    """
 
 
 @dataclass
@@ -65,7 +89,9 @@ class FitResult:
         stopped: why it stopped: ``"budget"``, ``"plateau"`` or ``"interrupted"``.
         skipped_steps: steps whose loss or gradient was not finite, so no update was made.
         seconds: wall time of this call (a MAP start included).
-        init: what :func:`map_init` found, with ``init="map"`` (else None).
+        init: what :func:`map_init` found, when the fit started from it (else None).
+        init_skipped: with ``init="auto"``, why the fit did not start from a MAP start (the
+            posterior has no proper mode, the latent dimension is too large), else None.
 
     Example:
         >>> result = FitResult(losses=[float(k) for k in range(20, 0, -1)], num_steps=20)
@@ -81,6 +107,7 @@ class FitResult:
     skipped_steps: list[int] = field(default_factory=list)
     seconds: float = 0.0
     init: MapInit | None = None
+    init_skipped: str | None = None
 
     @property
     def final_loss(self) -> float:
@@ -253,7 +280,8 @@ def map_init(
     A posterior without a proper mode in the unconstrained space (a funnel such as a centred
     hierarchical model, whose density grows without bound as the group scale goes to 0) has no
     positive definite Hessian where the search ends, or never gets the decrement below ``tol``:
-    that raises ``ValueError`` saying which, and the guide is left untouched. A non-finite log
+    that raises :class:`NoModeError` (a ``ValueError``) saying which, and the guide is left
+    untouched. A non-finite log
     density or Hessian at the start or at the mode raises ``FloatingPointError``. Points where the
     log density is not finite during the search (a line search overshooting into an
     impossible region) are never taken: the search keeps the best finite point.
@@ -355,16 +383,22 @@ def map_init(
         z.grad = g
         return u
 
-    lbfgs.step(closure)
+    try:
+        lbfgs.step(closure)
+    except RuntimeError as error:  # a non-finite value inside its line search overflowed a step
+        if "overflow" not in str(error):
+            raise
 
-    # Newton polishing with backtracking, from the best finite point
+    # Newton polishing with backtracking, from the best finite point; where the Hessian is not
+    # positive definite (L-BFGS stopped short, near a saddle) the step uses the Hessian shifted
+    # to be so, a descent direction, until the search reaches a region where it is
     z = best[1]
     u = best[0]
     for _ in range(50):
-        _, chol, g = _hessian(negative_log_density, z)
+        hess, chol, g, shifted = _hessian(negative_log_density, z)
         step = torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
         decrement = 0.5 * float(g @ step)
-        if decrement <= 1e-12 * max(1.0, abs(u.item())):  # polished to rounding
+        if not shifted and decrement <= 1e-12 * max(1.0, abs(u.item())):  # polished to rounding
             break
         t = 1.0
         while t > 1e-10:
@@ -377,11 +411,20 @@ def map_init(
         else:
             break  # no decrease along the Newton direction: rounding, or no mode nearby
     else:
-        _, chol, g = _hessian(negative_log_density, z)
+        hess, chol, g, shifted = _hessian(negative_log_density, z)
         step = torch.cholesky_solve(g.unsqueeze(-1), chol).squeeze(-1)
         decrement = 0.5 * float(g @ step)
+    if shifted:  # the Hessian at the point where the search ended (z) is not positive definite
+        smallest = torch.linalg.eigvalsh(hess)[0].item()
+        raise NoModeError(
+            f"map_init found no mode of the model's posterior: the Hessian of -log density "
+            f"at the point the search ended ({u.item():.6g}) is not positive definite "
+            f"(smallest eigenvalue {smallest:.3g}); the posterior may have no proper mode "
+            "in the unconstrained space (a funnel, an improper posterior). Fit without "
+            "init='map'"
+        )
     if decrement > tol:
-        raise ValueError(
+        raise NoModeError(
             f"map_init found no mode of the model's posterior: after {evals[0]} evaluations "
             f"half the squared Newton decrement is {decrement:.3g} nats (tol {tol:g}) at "
             f"-log density {u.item():.6g}; the posterior may have no proper mode in the "
@@ -411,9 +454,12 @@ def map_init(
 
 def _hessian(
     negative_log_density: Callable[[Tensor], Tensor], z: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The Hessian of ``negative_log_density`` at ``z``, its Cholesky factor and the gradient;
-    a non-finite Hessian raises ``FloatingPointError``, one not positive definite ``ValueError``."""
+) -> tuple[Tensor, Tensor, Tensor, bool]:
+    r"""The Hessian :math:`H` of ``negative_log_density`` at ``z``; the Cholesky factor of
+    :math:`H` or, where :math:`H` is not positive definite, of the shifted
+    :math:`H + (\delta - \lambda_{min}) I` (:math:`\delta` a thousandth of the largest
+    :math:`|\lambda|`: a descent direction for Newton's step); the gradient; and whether it was
+    shifted. A non-finite Hessian raises ``FloatingPointError``."""
     z = z.detach().requires_grad_(True)
     u = negative_log_density(z)
     (g,) = torch.autograd.grad(u, z, create_graph=True)
@@ -430,14 +476,11 @@ def _hessian(
         )
     chol, info = torch.linalg.cholesky_ex(hess)
     if int(info) != 0:
-        smallest = torch.linalg.eigvalsh(hess)[0].item()
-        raise ValueError(
-            f"map_init found no mode of the model's posterior: the Hessian of -log density "
-            f"at the point the search ended ({u.item():.6g}) is not positive definite "
-            f"(smallest eigenvalue {smallest:.3g}); the posterior may have no proper mode in "
-            "the unconstrained space (a funnel, an improper posterior). Fit without init='map'"
-        )
-    return hess, chol, g.detach()
+        eig = torch.linalg.eigvalsh(hess)
+        shift = 1e-3 * float(eig.abs().max()) - float(eig[0])
+        eye = torch.eye(len(eig), dtype=hess.dtype, device=hess.device)
+        return hess, torch.linalg.cholesky(hess + shift * eye), g.detach(), True
+    return hess, chol, g.detach(), False
 
 
 def _atomic_save(obj: dict[str, Any], path: Path) -> None:
@@ -460,7 +503,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     The checkpoint is a dict with the keys ``format`` (``CHECKPOINT_FORMAT``), ``step``,
     ``params`` (the unconstrained parameters by name, on the CPU), ``optimizer``, ``losses``,
-    ``skipped_steps``, ``rng`` (torch's random state), ``loc_scale`` (the Laplace sds that
+    ``skipped_steps``, ``rng`` (torch's random state), ``average`` (the parameter average's
+    count and values, else None), ``loc_scale`` (the Laplace sds that
     scale the location's updates after ``init="map"``, else None) and ``laplace`` (the fixed
     linear map's centre and factor after ``init="map"``, else None).
 
@@ -521,7 +565,8 @@ def fit(
     resume: bool = True,
     max_bad_steps: int = 25,
     seed: int | None = None,
-    init: str | None = None,
+    init: str | None = "auto",
+    average: int = 500,
     **kwargs: Any,
 ) -> FitResult:
     r"""Fit ``guide`` to ``model(*args, **kwargs)`` by stochastic variational inference.
@@ -539,9 +584,28 @@ def fit(
     the learning rate :math:`\eta_t = \eta \, \gamma^{t / T}` at step :math:`t` (:math:`\eta` =
     ``lr``, :math:`\gamma` = ``lr_decay``, :math:`T` = ``num_steps``).
 
+    It returns with the parameters set to an average of the iterates, not the last iterate:
+    a stochastic gradient's noise keeps the iterates wandering around the optimum, and on
+    posteriordb's reference posteriors that wander alone moved the guide's means by 0.1 to 0.2
+    posterior sds (``docs/benchmarks/accuracy.md``). After the :math:`n`-th update
+    :math:`\theta_n` the average is
+
+    .. math::
+
+        \bar\theta_n = \bar\theta_{n-1} + w_n (\theta_n - \bar\theta_{n-1}), \qquad
+        w_n = \max\Big(\frac{1}{A}, \frac{4}{n + 3}\Big)
+
+    (:math:`A` = ``average``): early on a polynomial-decay average that weights the
+    :math:`k`-th iterate about as :math:`k^3`, so mostly the last half of the run (Shamir &
+    Zhang 2013), and from :math:`n \approx 4A` an exponential moving average over about the
+    last :math:`A` steps (Polyak & Juditsky 1992 for averaging's effect).
+
     Reference: Kingma & Welling 2014, "Auto-Encoding Variational Bayes", arXiv:1312.6114;
     Ranganath et al. 2014, "Black Box Variational Inference", arXiv:1401.0118; Kingma & Ba 2015,
-    "Adam: A Method for Stochastic Optimization", arXiv:1412.6980.
+    "Adam: A Method for Stochastic Optimization", arXiv:1412.6980; Polyak & Juditsky 1992,
+    "Acceleration of Stochastic Approximation by Averaging", SIAM J. Control Optim. 30(4);
+    Shamir & Zhang 2013, "Stochastic Gradient Descent for Non-smooth Optimization", ICML,
+    arXiv:1212.1824.
 
     Args:
         model, guide: the Pyro model and guide.
@@ -563,17 +627,26 @@ def fit(
         max_bad_steps: stop with ``FloatingPointError`` after this many consecutive steps with a
             non-finite loss or gradient (such steps never change the parameters).
         seed: seeds Pyro's random state first.
-        init: ``None`` (default): start from the guide's own initialisation; ``"map"``: first
-            start a flowguide guide at the full Laplace approximation at the posterior mode;
-            ``"map-diag"``: at its diagonal (:func:`map_init` with ``covariance="full"`` or
-            ``"diag"``; a warm start for badly scaled or strongly correlated posteriors;
-            skipped when resuming from a checkpoint, which keeps what it found). What it found
-            is in ``result.init``. The optimiser's update of the base location is then
+        init: ``"auto"`` (default): for a flowguide :class:`AutoFlow` with at most
+            ``AUTO_MAP_MAX_DIM`` latent dimensions, start as with ``"map"`` where the posterior
+            has a proper mode, else (a funnel, an improper posterior: :class:`NoModeError`;
+            a non-finite density at the start) from the guide's own initialisation, with the
+            reason in ``result.init_skipped``; any other guide starts from its own.
+            ``None``: the guide's own initialisation. ``"map"``: first start a flowguide guide
+            at the full Laplace approximation at the posterior mode; ``"map-diag"``: at its
+            diagonal (:func:`map_init` with ``covariance="full"`` or ``"diag"``; a warm start
+            for badly scaled or strongly correlated posteriors, where SVI from the guide's own
+            start converges slowly or not at all). A MAP start is skipped when resuming from a
+            checkpoint, which keeps what it found. What it found is in ``result.init``. The
+            optimiser's update of the base location is then
             multiplied coordinatewise by the Laplace marginal sds :math:`\sigma^\star`: for
             Adam (whose step does not depend on the gradient's scale) that is Adam on the
             standardised location :math:`(\mu - z^\star) / \sigma^\star`, so ``lr`` is in
             posterior sds on every coordinate, not in the model's units (a coordinate with
             posterior sd 0.001 would otherwise jump 10 sds per step at ``lr=0.01``).
+        average: the horizon :math:`A` of the parameter average above, in steps; ``0``
+            returns the last iterate. The losses in the result are the iterates' (the average
+            is never trained on); a checkpoint holds both, so a resumed run averages on.
 
     Returns:
         a :class:`FitResult`.
@@ -594,6 +667,7 @@ def fit(
         ("window", window, 2),
         ("checkpoint_every", checkpoint_every, 1),
         ("max_bad_steps", max_bad_steps, 1),
+        ("average", average, 0),
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -601,9 +675,9 @@ def fit(
         raise ValueError(f"lr must be > 0, got {lr!r}")
     if not 0 < lr_decay <= 1:
         raise ValueError(f"lr_decay must lie in (0, 1], got {lr_decay!r}")
-    if init not in (None, "map", "map-diag"):
-        raise ValueError(f"init must be None, 'map' or 'map-diag', got {init!r}")
-    if init is not None and not isinstance(guide, AutoFlow):
+    if init not in (None, "auto", "map", "map-diag"):
+        raise ValueError(f"init must be 'auto', None, 'map' or 'map-diag', got {init!r}")
+    if init in ("map", "map-diag") and not isinstance(guide, AutoFlow):
         raise TypeError(
             f"init={init!r} needs a flowguide AutoFlow guide (AutoNeuralSpline, AutoIAF, ...), "
             f"got {type(guide).__name__}"
@@ -612,8 +686,22 @@ def fit(
         pyro.set_rng_seed(seed)
     start = time.perf_counter()
     path = Path(checkpoint) if checkpoint is not None else None
-    found = None
-    if init is not None and not (path is not None and resume and path.exists()):
+    found = skipped = None
+    resuming = path is not None and resume and path.exists()
+    if init == "auto" and isinstance(guide, AutoFlow) and not resuming:
+        if guide.prototype_trace is None:
+            guide._setup_prototype(*args, **kwargs)
+        if guide.latent_dim > AUTO_MAP_MAX_DIM:
+            skipped = (
+                f"the latent dimension {guide.latent_dim} is above AUTO_MAP_MAX_DIM "
+                f"({AUTO_MAP_MAX_DIM}); pass init='map' to start from the MAP anyway"
+            )
+        else:
+            try:
+                found = map_init(model, guide, *args, **kwargs)
+            except (NoModeError, FloatingPointError) as error:
+                skipped = str(error)
+    elif init in ("map", "map-diag") and not resuming:
         covariance = "full" if init == "map" else "diag"
         found = map_init(model, guide, *args, covariance=covariance, **kwargs)  # type: ignore[arg-type]
 
@@ -644,8 +732,9 @@ def fit(
     _check_own_parameters(guide, params)
     optimizer = (optim or _default_optimizer)(list(params.values()), lr=lr)
     gamma = lr_decay ** (1.0 / num_steps)
-    result = FitResult(init=found)
+    result = FitResult(init=found, init_skipped=skipped)
     step = 0
+    averaged = _ParameterAverage(average) if average else None
     # init="map": the location's updates are scaled by the Laplace sds (see the docstring)
     loc_scale = found.scale if found is not None else None
     if path is not None and resume and path.exists():
@@ -658,6 +747,8 @@ def fit(
             loc_scale = state["loc_scale"]
         if isinstance(guide, AutoFlow) and state.get("laplace") is not None:
             guide._set_laplace_correlation(*state["laplace"])
+        if averaged is not None and state.get("average") is not None:
+            averaged.load(state["average"], params)
     preconditioned = None
     if loc_scale is not None:
         loc = guide.affine.loc  # type: ignore[union-attr]
@@ -676,6 +767,7 @@ def fit(
                     "rng": torch.get_rng_state(),
                     "loc_scale": None if loc_scale is None else loc_scale.detach().cpu(),
                     "laplace": _laplace_state(guide),
+                    "average": None if averaged is None else averaged.state(),
                 },
                 path,
             )
@@ -715,6 +807,8 @@ def fit(
                     optimizer.step()
                     with torch.no_grad():
                         loc.copy_(before + scale * (loc - before))
+                if averaged is not None:
+                    averaged.update(params)
                 result.losses.append(value.item())
                 bad = 0
             else:
@@ -745,10 +839,56 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
-    save()
+    save()  # the iterate, with the average beside it: a resumed run continues the same run
+    if averaged is not None:
+        averaged.apply(params)
     result.num_steps = step
     result.seconds = time.perf_counter() - start
     return result
+
+
+class _ParameterAverage:
+    """The running average of :func:`fit`'s iterates (see its docstring), by parameter name."""
+
+    def __init__(self, horizon: int) -> None:
+        self.horizon = horizon
+        self.count = 0
+        self.values: dict[str, Tensor] = {}
+
+    def update(self, params: dict[str, Tensor]) -> None:
+        self.count += 1
+        weight = max(1.0 / self.horizon, 4.0 / (self.count + 3))
+        names = [name for name in params if name in self.values]
+        for name, p in params.items():
+            if name not in self.values:  # the first update, or a parameter created lazily
+                self.values[name] = p.detach().clone()
+        if names:
+            with torch.no_grad():
+                torch._foreach_lerp_(
+                    [self.values[name] for name in names],
+                    [params[name].detach() for name in names],
+                    weight,
+                )
+
+    def apply(self, params: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for name, p in params.items():
+                if name in self.values:
+                    p.copy_(self.values[name])
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "values": {name: v.detach().cpu() for name, v in self.values.items()},
+        }
+
+    def load(self, state: dict[str, Any], params: dict[str, Tensor]) -> None:
+        self.count = int(state["count"])
+        self.values = {
+            name: v.to(device=params[name].device, dtype=params[name].dtype)
+            for name, v in state["values"].items()
+            if name in params
+        }
 
 
 def _laplace_state(guide: AutoGuide) -> tuple[Tensor, Tensor] | None:

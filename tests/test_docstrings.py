@@ -26,6 +26,7 @@ NO_REFERENCE = {
     "BoundFlow",
     "FitResult",
     "FitCheck",
+    "NoModeError",
     "ImportanceWeightWarning",
     "VectorizationWarning",
     "check_hidden",

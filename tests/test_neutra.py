@@ -64,7 +64,7 @@ def gauss_guide():
     """An IAF fitted to the Gaussian (it can represent it exactly)."""
     pyro.clear_param_store()  # fit registers the guide's parameters by name
     guide = small_iaf(gaussian)
-    fg.fit(gaussian, guide, num_steps=200, lr=0.1, num_particles=4, progress=False, seed=0)
+    fg.fit(gaussian, guide, num_steps=200, num_particles=4, progress=False, seed=0)
     pyro.clear_param_store()
     return guide
 
