@@ -21,13 +21,16 @@ proportion to their Pareto-smoothed weights (sampling/importance resampling). Th
 "PSIS-corrected" and never replace the guide's own columns: they show what the fitted guide is
 worth as an importance sampler, not what the guide itself gives.
 
-``--init map`` warm-starts the flowguide guides at the full Laplace approximation at the
-posterior mode (``flowguide.fit(..., init="map")``, see ``flowguide.map_init``), ``--init
-map-diag`` at its diagonal; Pyro's guides keep their own start. A target without a proper
-mode then fails with ``map_init``'s error in the table.
+``--init auto`` (default) is ``flowguide.fit``'s default start: for flowguide's guides the full
+Laplace approximation at the posterior mode where there is one (``flowguide.map_init``), else the
+guide's own initialisation; the ``start`` column says which. ``--init guide`` always starts from
+the guide's own initialisation, ``--init map`` from the Laplace approximation (a target without
+a proper mode then fails with ``map_init``'s error in the table) and ``--init map-diag`` from its
+diagonal. Pyro's guides keep their own start. Every fit returns ``flowguide.fit``'s parameter
+average (``--average 0``: the last iterate).
 
 Run: ``python benchmarks/accuracy.py [--root PATH] [--quick] [--steps N] [--only NAME ...]
-[--init {guide,map,map-diag}]``.
+[--init {auto,guide,map,map-diag}] [--average A]``.
 """
 
 from __future__ import annotations
@@ -173,7 +176,8 @@ def run(
     particles: int,
     seed: int,
     num_draws: int,
-    init: str | None = None,
+    init: str | None = "auto",
+    average: int = 500,
 ) -> dict[str, Any]:
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
@@ -197,6 +201,7 @@ def run(
             seed=seed,
             patience=0,
             init=init,
+            average=average,
         )
     except Exception as error:  # report a failed fit in the table, never hide it
         row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
@@ -206,6 +211,7 @@ def run(
     khat, corrected = _psis(target, guide, num_draws)
     init_s = result.init.seconds if result.init is not None else 0.0
     row.update(
+        start="map" if result.init is not None else "guide",
         mean_err=mean_err,
         sd_min=sd_min,
         sd_max=sd_max,
@@ -228,7 +234,7 @@ def within(mean_err: float, sd_min: float, sd_max: float) -> bool:
 
 def _fmt(row: dict[str, Any]) -> str:
     if "error" in row:
-        return f"| {row['target']} | {row['method']} | failed: {row['error']} | | | | | | |"
+        return f"| {row['target']} | {row['method']} | | failed: {row['error']} | | | | | | |"
     ok = within(row["mean_err"], row["sd_min"], row["sd_max"])
     if "psis_mean_err" in row:
         psis_ok = within(row["psis_mean_err"], row["psis_sd_min"], row["psis_sd_max"])
@@ -239,7 +245,7 @@ def _fmt(row: dict[str, Any]) -> str:
     else:
         psis = "n/a | n/a"
     return (
-        f"| {row['target']} | {row['method']} | {row['mean_err']:.3f} | "
+        f"| {row['target']} | {row['method']} | {row['start']} | {row['mean_err']:.3f} | "
         f"{row['sd_min']:.2f} - {row['sd_max']:.2f}{' ok' if ok else ''} | {row['khat']:.2f} | "
         f"{psis} | {row['ms_step']:.1f} | {row['fit_s']:.0f} |"
     )
@@ -257,10 +263,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument(
         "--init",
-        choices=["guide", "map", "map-diag"],
-        default="guide",
-        help="start flowguide guides at their own init (default), at the full Laplace "
-        "approximation at the MAP (flowguide.fit(init='map')) or at its diagonal ('map-diag')",
+        choices=["auto", "guide", "map", "map-diag"],
+        default="auto",
+        help="start flowguide guides as flowguide.fit does by default ('auto': the Laplace "
+        "approximation at the MAP where there is a mode, else the guide's own), at their own "
+        "init ('guide'), at the full Laplace approximation ('map') or at its diagonal "
+        "('map-diag')",
+    )
+    parser.add_argument(
+        "--average",
+        type=int,
+        default=500,
+        help="flowguide.fit's parameter-average horizon (0: the last iterate)",
     )
     parser.add_argument("--output", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
@@ -271,18 +285,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
     header = [
         f"steps {steps}, particles {args.particles}, draws {draws}, seed {args.seed}, "
-        f"init {args.init}, torch {torch.__version__}, pyro {pyro.__version__}, 1 thread",
+        f"init {args.init}, average {args.average}, torch {torch.__version__}, "
+        f"pyro {pyro.__version__}, 1 thread",
         "",
-        "| target | method | worst mean err (sd) | sd ratio range | k-hat "
+        "| target | method | start | worst mean err (sd) | sd ratio range | k-hat "
         "| PSIS-corrected worst mean err (sd) | PSIS-corrected sd ratio range | ms/step | fit s |",
-        "| --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: |",
     ]
     print("\n".join(header), flush=True)
     rows, lines = [], []
     for target in chosen:
         for method in args.methods:
             init = None if args.init == "guide" else args.init
-            row = run(target, method, steps, args.particles, args.seed, draws, init)
+            row = run(target, method, steps, args.particles, args.seed, draws, init, args.average)
             rows.append(row)
             lines.append(_fmt(row))
             print(lines[-1], flush=True)

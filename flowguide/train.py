@@ -57,6 +57,8 @@ CHECKPOINT_FORMAT = "flowguide-checkpoint-v1"
 
 #: ``fit(init="auto")`` tries a MAP start up to this latent dimension (its Hessian has D^2 entries)
 AUTO_MAP_MAX_DIM = 1000
+#: ``fit(init="auto")`` compares the two starts' ELBOs with this many draws
+AUTO_MAP_PARTICLES = 256
 
 
 class NoModeError(ValueError):
@@ -452,6 +454,49 @@ def map_init(
     )
 
 
+def _auto_init(
+    model: Callable[..., Any], guide: AutoFlow, *args: Any, **kwargs: Any
+) -> tuple[MapInit | None, str | None]:
+    """``fit(init="auto")``: the MAP start where there is a mode and it has the higher ELBO."""
+
+    def elbo() -> float:
+        with torch.no_grad():
+            try:  # all draws in one vectorised model call
+                value = -flow_elbo_loss(
+                    model,
+                    guide,
+                    *args,
+                    num_particles=AUTO_MAP_PARTICLES,
+                    register_params=False,
+                    **kwargs,
+                )
+            except (RuntimeError, ValueError):  # a model that cannot be vectorised: one by one
+                draws = [
+                    -flow_elbo_loss(model, guide, *args, register_params=False, **kwargs)
+                    for _ in range(AUTO_MAP_PARTICLES // 8)
+                ]
+                value = torch.stack(draws).mean()
+        return value.item() if bool(torch.isfinite(value)) else -math.inf
+
+    own = elbo()
+    loc, log_scale = guide.affine.loc.detach().clone(), guide.affine.log_scale.detach().clone()
+    try:
+        found = map_init(model, guide, *args, **kwargs)
+    except (NoModeError, FloatingPointError) as error:
+        return None, str(error)
+    laplace = elbo()
+    if laplace >= own:
+        return found, None
+    with torch.no_grad():  # back to the guide's own start
+        guide.affine.loc.copy_(loc)
+        guide.affine.log_scale.copy_(log_scale)
+    guide._set_laplace_correlation(None, None)
+    return None, (
+        f"the guide's own start has the higher ELBO ({own:.6g} against {laplace:.6g} at the "
+        "Laplace approximation at the mode): a mode far from the bulk, as deep in a funnel's neck"
+    )
+
+
 def _hessian(
     negative_log_density: Callable[[Tensor], Tensor], z: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, bool]:
@@ -629,9 +674,12 @@ def fit(
         seed: seeds Pyro's random state first.
         init: ``"auto"`` (default): for a flowguide :class:`AutoFlow` with at most
             ``AUTO_MAP_MAX_DIM`` latent dimensions, start as with ``"map"`` where the posterior
-            has a proper mode, else (a funnel, an improper posterior: :class:`NoModeError`;
-            a non-finite density at the start) from the guide's own initialisation, with the
-            reason in ``result.init_skipped``; any other guide starts from its own.
+            has a proper mode and the Laplace approximation's ELBO (``AUTO_MAP_PARTICLES``
+            draws) beats the guide's own start's; else (a funnel or an improper posterior:
+            :class:`NoModeError`; a non-finite density at the start; a mode deep in a funnel's
+            neck, whose Laplace approximation is far too narrow) from the guide's own
+            initialisation, with the reason in ``result.init_skipped``. Any other guide starts
+            from its own.
             ``None``: the guide's own initialisation. ``"map"``: first start a flowguide guide
             at the full Laplace approximation at the posterior mode; ``"map-diag"``: at its
             diagonal (:func:`map_init` with ``covariance="full"`` or ``"diag"``; a warm start
@@ -697,10 +745,7 @@ def fit(
                 f"({AUTO_MAP_MAX_DIM}); pass init='map' to start from the MAP anyway"
             )
         else:
-            try:
-                found = map_init(model, guide, *args, **kwargs)
-            except (NoModeError, FloatingPointError) as error:
-                skipped = str(error)
+            found, skipped = _auto_init(model, guide, *args, **kwargs)
     elif init in ("map", "map-diag") and not resuming:
         covariance = "full" if init == "map" else "diag"
         found = map_init(model, guide, *args, covariance=covariance, **kwargs)  # type: ignore[arg-type]

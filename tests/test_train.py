@@ -545,3 +545,77 @@ def test_fit_with_map_init_resumes_from_a_checkpoint(tmp_path):
         torch.tensor(resumed_result.losses), torch.tensor(whole_result.losses)
     )
     torch.testing.assert_close(resumed.affine.loc.detach(), whole.affine.loc.detach())
+
+
+def test_map_init_steps_out_of_a_saddle():
+    """Started where the gradient vanishes and the Hessian is negative (L-BFGS stops at once),
+    the shifted Newton steps still reach the mode of the double well
+    -log p = 5 (x^2 - 1)^2 + x^2 / 200: x* = sqrt(1 - 1/2000), sd = 1 / sqrt(40 - 3/100 + 1/100)."""
+    from pyro.infer.autoguide import init_to_value
+
+    def well():
+        x = pyro.sample("x", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 10.0))
+        pyro.factor("well", -5.0 * (x**2 - 1.0) ** 2)
+
+    start = torch.tensor(1e-14, dtype=torch.float64)
+    guide = fg.AutoIAF(well, init_loc_fn=init_to_value(values={"x": start}))
+    found = fg.map_init(well, guide)
+    assert abs(abs(found.loc.item()) - math.sqrt(1 - 1 / 2000)) < 1e-8
+    assert abs(found.scale.item() - 1 / math.sqrt(40 - 0.03 + 0.01)) < 1e-8
+
+
+def flat():
+    """``b``'s density is flat: no mode."""
+    pyro.sample("a", dist.Normal(0.0, 1.0))
+    pyro.sample("b", dist.ImproperUniform(constraints.real, (), ()))
+
+
+def test_auto_init_starts_at_the_map_where_there_is_one(monkeypatch):
+    guide = small_guide()
+    result = fg.fit(model, guide, num_steps=5, progress=False, seed=0)
+    assert result.init is not None and result.init_skipped is None
+    pyro.clear_param_store()
+    again = small_guide()
+    found = fg.map_init(model, again)  # the same search from the same start
+    torch.testing.assert_close(result.init.loc, found.loc)
+
+    pyro.clear_param_store()
+    result = fg.fit(flat, fg.AutoIAF(flat, num_flows=1), num_steps=5, progress=False, seed=0)
+    assert result.init is None and "no mode" in result.init_skipped
+    assert len(result.losses) == 5  # the fit went on from the guide's own start
+
+    pyro.clear_param_store()
+    result = fg.fit(model, AutoNormal(model), num_steps=5, progress=False, seed=0)
+    assert result.init is None and result.init_skipped is None  # not a flowguide guide
+
+    pyro.clear_param_store()
+    monkeypatch.setattr(fg.train, "AUTO_MAP_MAX_DIM", 1)
+    result = fg.fit(model, small_guide(), num_steps=5, progress=False, seed=0)
+    assert result.init is None and "latent dimension 2 is above" in result.init_skipped
+    with pytest.raises(fg.NoModeError, match="not positive definite"):
+        fg.fit(flat, fg.AutoIAF(flat, num_flows=1), num_steps=5, progress=False, init="map")
+
+
+def test_auto_init_keeps_the_guide_start_when_the_mode_sits_in_a_funnels_neck():
+    """Neal's funnel without data has a proper mode, at y = -40.5 (x = 0), where the Laplace
+    approximation's x-scales are about e^-20: its ELBO is far below the guide's own start's, so
+    init='auto' keeps the guide's start (the base exactly as before, no Laplace map)."""
+
+    def funnel():
+        y = pyro.sample("y", dist.Normal(0.0, 3.0))
+        scale = torch.exp(y / 2).unsqueeze(-1).expand(y.shape + (9,))
+        pyro.sample("x", dist.Normal(0.0, scale).to_event(1))
+
+    found = fg.map_init(funnel, fg.AutoIAF(funnel, num_flows=1))
+    assert abs(found.loc[0].item() + 40.5) < 1e-3  # y* = -9 * 9 / 2
+    pyro.clear_param_store()
+
+    guide = fg.AutoIAF(funnel, num_flows=1)
+    guide()
+    loc, scale = guide.affine.loc.detach().clone(), guide.affine.log_scale.detach().clone()
+    flows = len(guide.transform.flows)
+    result = fg.fit(funnel, guide, num_steps=1, lr=1e-12, progress=False, seed=0)
+    assert result.init is None and "higher ELBO" in result.init_skipped
+    assert len(guide.transform.flows) == flows
+    torch.testing.assert_close(guide.affine.loc.detach(), loc, atol=1e-9, rtol=0)
+    torch.testing.assert_close(guide.affine.log_scale.detach(), scale, atol=1e-9, rtol=0)
