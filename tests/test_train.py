@@ -603,7 +603,7 @@ def test_auto_init_keeps_the_guide_start_when_the_mode_sits_in_a_funnels_neck():
 
     def funnel():
         y = pyro.sample("y", dist.Normal(0.0, 3.0))
-        scale = torch.exp(y / 2).unsqueeze(-1).expand(y.shape + (9,))
+        scale = torch.exp(y / 2).unsqueeze(-1).expand((*y.shape, 9))
         pyro.sample("x", dist.Normal(0.0, scale).to_event(1))
 
     found = fg.map_init(funnel, fg.AutoIAF(funnel, num_flows=1))
@@ -619,3 +619,30 @@ def test_auto_init_keeps_the_guide_start_when_the_mode_sits_in_a_funnels_neck():
     assert len(guide.transform.flows) == flows
     torch.testing.assert_close(guide.affine.loc.detach(), loc, atol=1e-9, rtol=0)
     torch.testing.assert_close(guide.affine.log_scale.detach(), scale, atol=1e-9, rtol=0)
+
+
+def test_map_init_restarts_find_the_higher_mode():
+    """A two-mode density, started in the lower mode's basin: restarts from prior draws find the
+    higher one (and say which start did); without restarts the search keeps the lower."""
+    from pyro.infer.autoguide import init_to_value
+
+    f64 = torch.float64
+
+    def two_modes():
+        x = pyro.sample("x", dist.Normal(torch.tensor(0.0, dtype=f64), 3.0))
+        low = dist.Normal(torch.tensor(-1.0, dtype=f64), 0.3).log_prob(x) + math.log(0.3)
+        high = dist.Normal(torch.tensor(2.0, dtype=f64), 0.3).log_prob(x) + math.log(0.7)
+        pyro.factor("mixture", torch.logaddexp(low, high))
+
+    def guide():
+        return fg.AutoIAF(two_modes, init_loc_fn=init_to_value(values={"x": torch.tensor(-1.2)}))
+
+    pyro.set_rng_seed(0)
+    alone = fg.map_init(two_modes, guide())
+    pyro.set_rng_seed(0)
+    found = fg.map_init(two_modes, guide(), restarts=8)
+    assert abs(alone.loc.item() + 1.0) < 0.05 and alone.start == 0
+    assert abs(found.loc.item() - 2.0) < 0.05 and found.start > 0
+    assert found.log_density > alone.log_density + 0.5
+    with pytest.raises(ValueError, match="restarts must be an integer >= 0, got -1"):
+        fg.map_init(two_modes, guide(), restarts=-1)
