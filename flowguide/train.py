@@ -684,7 +684,7 @@ def fit(
 
     It returns with the parameters set to an average of the iterates, not the last iterate:
     a stochastic gradient's noise keeps the iterates wandering around the optimum, and on
-    posteriordb's reference posteriors that wander alone moved the guide's means by 0.1 to 0.2
+    posteriordb's reference posteriors that wander alone moved the guide's means by 0.09 to 0.23
     posterior sds (``docs/benchmarks/accuracy.md``). After the :math:`n`-th update
     :math:`\theta_n` the average is
 
