@@ -953,21 +953,18 @@ class _ParameterAverage:
         self.horizon = horizon
         self.count = 0
         self.values: dict[str, Tensor] = {}
+        self._pairs: tuple[list[Tensor], list[Tensor]] | None = None  # (averages, parameters)
 
     def update(self, params: dict[str, Tensor]) -> None:
         self.count += 1
         weight = max(1.0 / self.horizon, 4.0 / (self.count + 3))
-        names = [name for name in params if name in self.values]
-        for name, p in params.items():
-            if name not in self.values:  # the first update, or a parameter created lazily
-                self.values[name] = p.detach().clone()
-        if names:
-            with torch.no_grad():
-                torch._foreach_lerp_(
-                    [self.values[name] for name in names],
-                    [params[name].detach() for name in names],
-                    weight,
-                )
+        if self._pairs is None or len(self._pairs[1]) != len(params):
+            for name, p in params.items():  # the first update, or parameters created lazily
+                if name not in self.values:
+                    self.values[name] = p.detach().clone()
+            self._pairs = ([self.values[n] for n in params], list(params.values()))
+        with torch.no_grad():
+            torch._foreach_lerp_(self._pairs[0], self._pairs[1], weight)
 
     def apply(self, params: dict[str, Tensor]) -> None:
         with torch.no_grad():
@@ -982,6 +979,7 @@ class _ParameterAverage:
         }
 
     def load(self, state: dict[str, Any], params: dict[str, Tensor]) -> None:
+        self._pairs = None
         self.count = int(state["count"])
         self.values = {
             name: v.to(device=params[name].device, dtype=params[name].dtype)
