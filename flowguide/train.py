@@ -96,7 +96,8 @@ class FitResult:
         seconds: wall time of this call (a MAP start included).
         init: what :func:`map_init` found, when the fit started from it (else None).
         init_skipped: with ``init="auto"``, why the fit did not start from a MAP start (the
-            posterior has no proper mode, the latent dimension is too large), else None.
+            posterior has no proper mode, the Laplace start's ELBO is the lower, the latent
+            dimension is too large), else None.
 
     Example:
         >>> result = FitResult(losses=[float(k) for k in range(20, 0, -1)], num_steps=20)
