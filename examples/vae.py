@@ -101,6 +101,7 @@ from flowguide.distributed import (  # noqa: E402
     shard_slice,
     step_seed,
 )
+from flowguide.train import default_optimizer  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "binarized_mnist_static.npz"
 POSTERIORS = {"diagonal": None, "planar": "planar", "radial": "radial", "iaf": "iaf", "nsf": "nsf"}
@@ -306,7 +307,7 @@ def train_one(
     x_train, x_valid = vae.cast(data["train"]), vae.cast(data["curve"])
     vae.guide.setup(x_train, 1.0)
     params = list({id(p): p for m in vae.modules() for p in m.parameters()}.values())
-    optimizer = adam(params, args.lr)
+    optimizer = default_optimizer(params, args.lr)
     config = {
         k: getattr(args, k)
         for k in (
@@ -432,16 +433,6 @@ def train_one(
     return vae, history
 
 
-def adam(params: list[Tensor], lr: float) -> torch.optim.Optimizer:
-    """Adam with torch's fused kernel (one call for all parameters) where it has one: the same
-    updates as the per-parameter loop, and on one CPU thread a fifth to a third less time per
-    step of the diagonal VAE in our runs."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # an older torch, or an unsupported device
-        return torch.optim.Adam(params, lr=lr)
-
-
 def progress(total: int, desc: str, enabled: bool) -> Any:
     if not enabled:
         return None
@@ -470,7 +461,7 @@ def interleaved_timing(
         x = vae.cast(x_train)
         vae.guide.setup(x, 1.0)
         params = list({id(p): p for m in vae.modules() for p in m.parameters()}.values())
-        runs[name] = (vae, x, adam(params, args.lr))
+        runs[name] = (vae, x, default_optimizer(params, args.lr))
 
     def step(vae: VAE, x: Tensor, optimizer: torch.optim.Optimizer) -> None:
         loss = elbo.differentiable_loss(vae.model, vae.scaled_guide, x, 1.0) / len(x)

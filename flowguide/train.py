@@ -38,16 +38,18 @@ from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
 from pyro.infer.autoguide import AutoGuide
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
 from torch import Tensor
 from torch.distributions import biject_to
 
-from .guides import AutoFlow, constrain_latent
+from .guides import AutoFlow, constrain_latent, robust_init
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "FitResult",
     "MapInit",
     "NoModeError",
+    "default_optimizer",
     "fit",
     "flow_elbo_loss",
     "load_checkpoint",
@@ -494,10 +496,6 @@ def map_init(
 def _prior_draw(model: Callable[..., Any], guide: AutoFlow, *args: Any, **kwargs: Any) -> Tensor:
     """A draw of the latent sites from the model's prior, packed as the guide packs them (in
     the unconstrained space); a site that cannot be sampled gets its ``T(0)``."""
-    from pyro.infer.autoguide.initialization import InitMessenger, init_to_sample
-
-    from .guides import robust_init
-
     drawn = InitMessenger(robust_init(init_to_sample))(model)
     trace = poutine.block(poutine.trace(drawn).get_trace)(*args, **kwargs)
     parts = []
@@ -830,7 +828,7 @@ def fit(
     _, params = _params(run)
     params = _unique(params)
     _check_own_parameters(guide, params)
-    optimizer = (optim or _default_optimizer)(list(params.values()), lr=lr)
+    optimizer = (optim or default_optimizer)(list(params.values()), lr=lr)
     gamma = lr_decay ** (1.0 / num_steps)
     result = FitResult(init=found, init_skipped=skipped)
     step = 0
@@ -999,8 +997,18 @@ def _laplace_state(guide: AutoGuide) -> tuple[Tensor, Tensor] | None:
     return laplace.center.detach().cpu(), laplace.tril.detach().cpu()
 
 
-def _default_optimizer(params: list[Tensor], lr: float) -> torch.optim.Optimizer:
-    """Adam; its fused kernel (one call for all parameters) where torch has one for them."""
+def default_optimizer(params: list[Tensor], lr: float) -> torch.optim.Optimizer:
+    """:func:`fit`'s optimiser: Adam, with torch's fused kernel (one call for all parameters,
+    the same updates as the per-parameter loop) where torch has one for them.
+
+    Reference: Kingma & Ba 2015, "Adam: A Method for Stochastic Optimization",
+    arXiv:1412.6980.
+
+    Example:
+        >>> optimizer = default_optimizer([torch.zeros(3, requires_grad=True)], lr=0.01)
+        >>> type(optimizer).__name__, optimizer.param_groups[0]["lr"]
+        ('Adam', 0.01)
+    """
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):  # an older torch, or an unsupported device

@@ -646,3 +646,18 @@ def test_map_init_restarts_find_the_higher_mode():
     assert found.log_density > alone.log_density + 0.5
     with pytest.raises(ValueError, match="restarts must be an integer >= 0, got -1"):
         fg.map_init(two_modes, guide(), restarts=-1)
+
+
+def test_default_optimizer_is_adam_with_the_same_updates():
+    """fit's optimiser (Adam, fused where torch has it) steps exactly as plain Adam."""
+    from flowguide.train import default_optimizer
+
+    a = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    b = a.detach().clone().requires_grad_(True)
+    ours, plain = default_optimizer([a], lr=0.1), torch.optim.Adam([b], lr=0.1)
+    for k in range(5):
+        for p, opt in ((a, ours), (b, plain)):
+            opt.zero_grad()
+            ((p - k) ** 2).sum().backward()
+            opt.step()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
