@@ -1006,7 +1006,7 @@ def default_optimizer(params: list[Tensor], lr: float) -> torch.optim.Optimizer:
 
     Example:
         >>> optimizer = default_optimizer([torch.zeros(3, requires_grad=True)], lr=0.01)
-        >>> type(optimizer).__name__, optimizer.param_groups[0]["lr"]
+        >>> type(optimizer).__name__, optimizer.defaults["lr"]
         ('Adam', 0.01)
     """
     try:
