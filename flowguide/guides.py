@@ -51,6 +51,7 @@ from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.distributions import Transform, biject_to
+from torch.distributions.transforms import ComposeTransform, IndependentTransform
 
 from .transforms import (
     AffineAutoregressive,
@@ -136,18 +137,23 @@ def constrain_latent(
         unconstrained = chunk.reshape(
             site.unconstrained_shape if single else (n, *site.unconstrained_shape)
         )
-        value = site.transform(unconstrained)
-        jac = torch.as_tensor(site.transform.log_abs_det_jacobian(unconstrained, value))
-        if single:
-            jac = jac.sum()
-            values[site.name] = draws[site.name] = value
+        if site.identity:  # an unconstrained site: its value is its slice, with no Jacobian
+            value, jac = unconstrained, None
         else:
-            jac = jac.reshape(n, -1).sum(-1) if jac.dim() else jac.expand(n)
+            value = site.transform(unconstrained)
+            jac = torch.as_tensor(site.transform.log_abs_det_jacobian(unconstrained, value))
+        if single:
+            values[site.name] = draws[site.name] = value
+            jac = None if jac is None else jac.sum()
+        else:
             values[site.name] = value.reshape(
                 n, *(1,) * max(nesting - site.batch_dims, 0), *site.shape
             )
             draws[site.name] = value.reshape(n, *site.shape)
-        log_jac = jac if log_jac is None else log_jac + jac
+            if jac is not None:
+                jac = jac.reshape(n, -1).sum(-1) if jac.dim() else jac.expand(n)
+        if jac is not None:
+            log_jac = jac if log_jac is None else log_jac + jac
     if log_jac is None:
         log_jac = latent.new_zeros(() if single else (n,))
     return values, draws, log_jac
@@ -161,6 +167,14 @@ class _LatentSite(NamedTuple):
     shape: tuple[int, ...]
     batch_dims: int
     transform: Transform
+    identity: bool
+
+
+def _is_identity(t: Transform) -> bool:
+    """Whether ``t`` is ``biject_to(real)`` (or an ``IndependentTransform`` of it)."""
+    while isinstance(t, IndependentTransform):
+        t = t.base_transform
+    return isinstance(t, ComposeTransform) and all(_is_identity(part) for part in t.parts)
 
 
 def _latent_sites(guide: AutoContinuous) -> list[_LatentSite]:
@@ -178,7 +192,11 @@ def _latent_sites(guide: AutoContinuous) -> list[_LatentSite]:
         shape = tuple(site["value"].shape)
         batch_dims = len(shape) - site["fn"].event_dim
         t = biject_to(site["fn"].support)
-        sites.append(_LatentSite(name, pos, pos + size, unconstrained_shape, shape, batch_dims, t))
+        sites.append(
+            _LatentSite(
+                name, pos, pos + size, unconstrained_shape, shape, batch_dims, t, _is_identity(t)
+            )
+        )
         pos += size
     # keyed by the prototype trace itself: a new set-up (a new prototype) rebuilds it
     guide.__dict__["_flowguide_sites"] = (prototype, sites)

@@ -1058,9 +1058,9 @@ class ManyChainHMC(_Results):
 
     Every leapfrog step evaluates the potential and its gradient for all ``num_chains`` chains in
     one call: the flow runs on a ``(C, D)`` batch and the model once, inside a vectorised
-    ``pyro.plate`` of size ``C`` left of the model's own plates (as ``flow_elbo_loss`` does for
-    particles). All chains share the step size :math:`h` and the number of leapfrog steps, which
-    keeps them in lock-step; the mass matrix is the identity, since the flow is the
+    ``pyro.plate`` of size ``C`` left of the model's own plates (as Pyro's vectorised ELBO
+    particles are). All chains share the step size :math:`h` and the number of leapfrog steps,
+    which keeps them in lock-step; the mass matrix is the identity, since the flow is the
     preconditioner. A transition draws fresh momenta :math:`p \sim \mathcal{N}(0, I)`, runs
     :math:`n = \lceil u_t T / h \rceil` leapfrog steps with :math:`u_t` the base-2 Halton
     sequence in :math:`(0, 1)` (jitter against periodic trajectories), and accepts per chain
