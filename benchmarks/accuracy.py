@@ -21,6 +21,12 @@ proportion to their Pareto-smoothed weights (sampling/importance resampling). Th
 "PSIS-corrected" and never replace the guide's own columns: they show what the fitted guide is
 worth as an importance sampler, not what the guide itself gives.
 
+A parameter whose raw moments the reference itself cannot pin down at ``--draws`` draws (its
+own draws, resampled, fail the tolerance more than 5% of the time: a heavy tail, as
+one_comp_mm_elim_abs's K_m and V_m) is scored on the log scale if it is positive, against the
+mean and sd of the logs of the reference draws; the last column names such parameters and gives
+the raw-scale figures beside them (see ``log_scaled``).
+
 ``--init auto`` (default) is ``flowguide.fit``'s default start: for flowguide's guides the full
 Laplace approximation at the posterior mode where there is one (``flowguide.map_init``), else the
 guide's own initialisation; the ``start`` column says which. ``--init guide`` always starts from
@@ -40,7 +46,7 @@ import functools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +72,53 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass
 class Target:
-    """A posterior with reference moments and a map from site draws to reference names."""
+    """A posterior with reference moments and a map from site draws to reference names.
+
+    ``log_reference`` holds the parameters scored on the log scale (see :func:`log_scaled`),
+    with the mean and sd of the logs of their reference draws."""
 
     name: str
     model: Callable[[], None]
     reference: dict[str, tuple[float, float]]
     extract: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    log_reference: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def log_scaled(
+    reference: dict[str, tuple[float, float]],
+    draws: dict[str, torch.Tensor],
+    num: int,
+    repeats: int = 200,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """The positive parameters whose raw moments the reference cannot pin down at ``num``
+    draws, with the mean and sd of their logs.
+
+    The test: ``repeats`` times, ``num`` of the reference's own draws (with replacement) are
+    scored like a guide's draws; a parameter that fails the tolerance (:func:`within`) in more
+    than 5% of them is one whose raw sd no method can be held to at this many draws: an exact
+    sampler would miss it often. Such a parameter has a heavy tail (one_comp_mm_elim_abs's K_m:
+    sd 7.3 against a median near 1, largest draw 296; MODEL.md advises comparing it on the log
+    scale); if it is positive it is scored on the log scale instead, where its moments are
+    stable. Resampling the reference draws understates the noise of fresh draws, so the test
+    flags no more parameters than it should.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, (mean, sd) in reference.items():
+        v = draws.get(name)
+        if v is None or not bool((v > 0).all()):
+            continue
+        v = v.double()
+        fails = 0
+        for _ in range(repeats):
+            x = v[torch.randint(v.shape[0], (num,), generator=gen)]
+            ratio = x.std().item() / sd
+            fails += not within(abs(x.mean().item() - mean) / sd, ratio, ratio)
+        if fails > 0.05 * repeats:
+            logs = v.log()
+            out[name] = (logs.mean().item(), logs.std().item())
+    return out
 
 
 def _banana() -> Target:
@@ -103,14 +150,18 @@ def _funnel(dim: int = 10) -> Target:
     return Target(f"funnel-{dim}d", model, ref, extract)
 
 
-def targets(root: Path | None, only: list[str] | None) -> list[Target]:
+def targets(root: Path | None, only: list[str] | None, num_draws: int = 4000) -> list[Target]:
     out = [_banana(), _funnel(10)]
     if root is not None and root.is_dir():
         import posteriordb as pdb  # benchmarks/posteriordb.py: a script's folder is on sys.path
 
         for name in pdb.POSTERIORS:
+            if only and not any(o in name for o in only):
+                continue
             post = pdb.load_posterior(name, root)
-            out.append(Target(name, post.model, post.reference, post.extract))
+            ref_draws = pdb.load_reference_draws(name, root) or {}
+            logs = log_scaled(post.reference, ref_draws, num_draws)
+            out.append(Target(name, post.model, post.reference, post.extract, logs))
     if only:
         out = [t for t in out if any(o in t.name for o in only)]
     return out
@@ -143,12 +194,17 @@ def _draws(guide: Any, num: int) -> dict[str, torch.Tensor]:
     return {k: v.reshape(num, *shapes[k]) for k, v in samples.items() if k in shapes}
 
 
-def _errors(target: Target, draws: dict[str, torch.Tensor]) -> tuple[float, float, float]:
-    """The worst standardized mean error and the smallest and largest sd ratio of ``draws``."""
+def _errors(
+    target: Target, draws: dict[str, torch.Tensor], raw: bool = False
+) -> tuple[float, float, float]:
+    """The worst standardized mean error and the smallest and largest sd ratio of ``draws``,
+    the parameters of ``target.log_reference`` on the log scale unless ``raw``."""
     draws = target.extract(draws)
     mean_err, ratios = 0.0, []
     for name, (m, s) in target.reference.items():
         v = draws[name].double()
+        if name in target.log_reference and not raw:
+            v, (m, s) = v.log(), target.log_reference[name]
         mean_err = max(mean_err, abs(v.mean().item() - m) / s)
         ratios.append(v.std().item() / s)
     return mean_err, min(ratios), max(ratios)
@@ -207,7 +263,11 @@ def run(
         row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
         row["fit_s"] = time.perf_counter() - start
         return row
-    mean_err, sd_min, sd_max = _errors(target, _draws(guide, num_draws))
+    own = _draws(guide, num_draws)
+    mean_err, sd_min, sd_max = _errors(target, own)
+    if target.log_reference:
+        row["raw"] = _errors(target, own, raw=True)
+        row["log_scale"] = sorted(target.log_reference)
     khat, corrected = _psis(target, guide, num_draws)
     init_s = result.init.seconds if result.init is not None else 0.0
     row.update(
@@ -234,7 +294,7 @@ def within(mean_err: float, sd_min: float, sd_max: float) -> bool:
 
 def _fmt(row: dict[str, Any]) -> str:
     if "error" in row:
-        return f"| {row['target']} | {row['method']} | | failed: {row['error']} | | | | | | |"
+        return f"| {row['target']} | {row['method']} | | failed: {row['error']} | | | | | | | |"
     ok = within(row["mean_err"], row["sd_min"], row["sd_max"])
     if "psis_mean_err" in row:
         psis_ok = within(row["psis_mean_err"], row["psis_sd_min"], row["psis_sd_max"])
@@ -244,10 +304,14 @@ def _fmt(row: dict[str, Any]) -> str:
         )
     else:
         psis = "n/a | n/a"
+    logs = ""
+    if "raw" in row:
+        err, lo, hi = row["raw"]
+        logs = f"{', '.join(row['log_scale'])} (raw: {err:.3f}, {lo:.2f} - {hi:.2f})"
     return (
         f"| {row['target']} | {row['method']} | {row['start']} | {row['mean_err']:.3f} | "
         f"{row['sd_min']:.2f} - {row['sd_max']:.2f}{' ok' if ok else ''} | {row['khat']:.2f} | "
-        f"{psis} | {row['ms_step']:.1f} | {row['fit_s']:.0f} |"
+        f"{psis} | {row['ms_step']:.1f} | {row['fit_s']:.0f} | {logs} |"
     )
 
 
@@ -281,7 +345,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     steps, draws = (args.steps, args.draws) if not args.quick else (200, 500)
     chosen = targets(
-        args.root, args.only or (["banana", "eight_schools_c"] if args.quick else None)
+        args.root, args.only or (["banana", "eight_schools_c"] if args.quick else None), draws
     )
     header = [
         f"steps {steps}, particles {args.particles}, draws {draws}, seed {args.seed}, "
@@ -289,8 +353,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"pyro {pyro.__version__}, 1 thread",
         "",
         "| target | method | start | worst mean err (sd) | sd ratio range | k-hat "
-        "| PSIS-corrected worst mean err (sd) | PSIS-corrected sd ratio range | ms/step | fit s |",
-        "| --- | --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: |",
+        "| PSIS-corrected worst mean err (sd) | PSIS-corrected sd ratio range | ms/step | fit s "
+        "| on the log scale |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: | --- |",
     ]
     print("\n".join(header), flush=True)
     rows, lines = [], []
