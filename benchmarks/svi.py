@@ -31,13 +31,16 @@ import functools
 import random
 import statistics
 import time
+import traceback
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import iterated, spline_autoregressive
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoNormalizingFlow
 
 import flowguide as fg
@@ -75,8 +78,9 @@ def regression50(x: torch.Tensor = _X, y: torch.Tensor = _Y) -> None:
     as a model's data would be passed in, not regenerated at every step)."""
     w = pyro.sample("w", dist.Normal(torch.zeros(50), 1.0).to_event(1))
     with pyro.plate("data", 200):
-        # (x * w).sum(-1) rather than x @ w, so that a batch of particles broadcasts
-        pyro.sample("y", dist.Normal((x * w.unsqueeze(-2)).sum(-1), 0.5), obs=y)
+        # (x * w).sum(-1) rather than x @ w, so that a batch of particles (w of shape
+        # (particles, 1, 50), the draws left of the plate's dim) broadcasts to (particles, 200)
+        pyro.sample("y", dist.Normal((x * w).sum(-1), 0.5), obs=y)
 
 
 MODELS: dict[str, tuple[Callable[[], None], int]] = {
@@ -94,12 +98,15 @@ _clock: Callable[[], float] = time.perf_counter
 class _PyroSteps:
     """Pyro's route: ``SVI(...).step()`` with vectorised particles, timed in blocks."""
 
-    def __init__(self, model: Callable[[], None], guide: Callable, particles: int) -> None:
+    def __init__(
+        self, model: Callable[[], None], guide: Callable, particles: int, jit: bool = False
+    ) -> None:
+        elbo = JitTrace_ELBO if jit else Trace_ELBO
         self.svi = SVI(
             model,
             guide,
             pyro.optim.Adam({"lr": 1e-3}),
-            Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=1),
+            elbo(num_particles=particles, vectorize_particles=True, max_plate_nesting=1),
         )
         self.block(5)  # set-up and warm-up
 
@@ -114,37 +121,59 @@ class _OurSteps:
     """flowguide's route: ``flowguide.fit`` for a block of steps (the loop itself, as a user
     runs it, the parameter average included; its per-call set-up is paid once per block). The
     MAP start of ``init="auto"`` is a one-off search before the first step, not a step's cost,
-    and would move the guide at every block: ``init=None`` here."""
+    and would move the guide at every block: ``init=None`` here. With ``jit=True`` each block
+    is one ``fit(..., jit=True)`` of ``jit_steps`` steps, its one-off compilation included."""
 
-    def __init__(self, model: Callable[[], None], guide: fg.AutoFlow, particles: int) -> None:
-        self.model, self.guide = model, guide
+    def __init__(
+        self,
+        model: Callable[[], None],
+        guide: fg.AutoFlow,
+        particles: int,
+        jit: bool = False,
+        jit_steps: int = 500,
+    ) -> None:
+        self.model, self.guide, self.jit_steps = model, guide, jit_steps
         self.options = {
             "num_particles": particles,
             "progress": False,
             "patience": 0,
             "lr": 1e-3,
             "init": None,
+            "jit": jit,
         }
         self.block(5)  # set-up and warm-up
 
     def block(self, steps: int) -> float:
+        steps = self.jit_steps if self.options["jit"] else steps
         start = _clock()
         fg.fit(self.model, self.guide, num_steps=steps, **self.options)
         return (_clock() - start) / steps
 
 
-def _time_pair(
-    ours: _OurSteps, theirs: _PyroSteps, steps: int, repeats: int, rng: random.Random
-) -> tuple[float, float]:
-    """Median ms per step of each, their blocks interleaved in a random order per repeat, so
-    that load drifts on a shared machine hit both alike."""
-    times: dict[str, list[float]] = {"ours": [], "pyro": []}
+def _time_runners(
+    runners: dict[str, _OurSteps | _PyroSteps], steps: int, repeats: int, rng: random.Random
+) -> dict[str, float]:
+    """Median ms per step of each runner, their blocks interleaved in a random order per
+    repeat, so that load drifts on a shared machine hit all alike."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
-        order = [("ours", ours), ("pyro", theirs)]
+        order = list(runners.items())
         rng.shuffle(order)
         for name, runner in order:
             times[name].append(runner.block(steps))
-    return 1e3 * statistics.median(times["ours"]), 1e3 * statistics.median(times["pyro"])
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def _pyro_jit_fails(model: Callable[[], None], guide: Callable, particles: int) -> str:
+    """Pyro's ``JitTrace_ELBO`` with Pyro's flow guide: '' where it runs, else its error."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _PyroSteps(model, guide, particles, jit=True)
+    except Exception as error:  # any failure is the finding
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        return f"{type(error).__name__} at {Path(where.filename).name}:{where.lineno}"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -155,6 +184,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", default=None, help="also write the table to this file")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--jit-steps",
+        type=int,
+        default=500,
+        help="steps of each fit(jit=True) block (its one-off compilation is included)",
+    )
+    parser.add_argument("--no-jit", action="store_true", help="skip the fit(jit=True) rows")
     parser.add_argument(
         "--clock",
         choices=sorted(CLOCKS),
@@ -169,13 +205,17 @@ def main(argv: list[str] | None = None) -> str:
     _clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     steps, repeats = (5, 2) if args.quick else (args.steps, args.repeats)
+    if args.quick:
+        args.jit_steps = 20
     torch.manual_seed(0)
     rng = random.Random(0)
 
     rows = [
-        "| model | family | layers, hidden | flowguide ms/step | Pyro ms/step | Pyro / flowguide |",
-        "| --- | --- | --- | ---: | ---: | ---: |",
+        "| model | family | layers, hidden | flowguide ms/step | flowguide jit ms/step "
+        "| Pyro ms/step | Pyro / flowguide | Pyro / flowguide jit |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
+    failures: set[str] = set()
     for name, (model, dim) in MODELS.items():
         hidden = [max(3 * dim + 1, 16)]
         layers = 2
@@ -203,14 +243,33 @@ def main(argv: list[str] | None = None) -> str:
         }
         for family, (ours, theirs) in cases.items():
             pyro.clear_param_store()
-            mine = _OurSteps(model, ours(model), args.particles)
-            peer = _PyroSteps(model, theirs(model), args.particles)
-            t_ours, t_pyro = _time_pair(mine, peer, steps, repeats, rng)
+            failed = _pyro_jit_fails(model, theirs(model), args.particles)
+            if failed:
+                failures.add(f"{family}: {failed}")
+            pyro.clear_param_store()
+            guide = ours(model)
+            runners: dict[str, _OurSteps | _PyroSteps] = {
+                "ours": _OurSteps(model, guide, args.particles),
+                "pyro": _PyroSteps(model, theirs(model), args.particles),
+            }
+            if not args.no_jit:  # the same guide, fitted on with jit=True
+                runners["jit"] = _OurSteps(
+                    model, guide, args.particles, jit=True, jit_steps=args.jit_steps
+                )
+            t = _time_runners(runners, steps, repeats, rng)
+            jit = (f"{t['jit']:.2f}", f"{t['pyro'] / t['jit']:.2f}") if "jit" in t else ("-",) * 2
             rows.append(
-                f"| {name} | {family} | {layers} x {hidden} | {t_ours:.2f} | {t_pyro:.2f} | "
-                f"{t_pyro / t_ours:.2f} |"
+                f"| {name} | {family} | {layers} x {hidden} | {t['ours']:.2f} | {jit[0]} | "
+                f"{t['pyro']:.2f} | {t['pyro'] / t['ours']:.2f} | {jit[1]} |"
             )
             print(rows[-1], flush=True)
+    if failures:
+        rows.append("")
+        rows.append(
+            "Pyro's JitTrace_ELBO with the same Pyro guides: fails ("
+            + "; ".join(sorted(failures))
+            + ")"
+        )
     table = "\n".join(rows)
     header = (
         f"SVI step, {args.particles} particles (vectorised), float32, CPU, "

@@ -443,13 +443,16 @@ class AutoFlow(AutoContinuous):
                 "arguments (or use flowguide.fit)"
             )
         with self._pyro_context if register else contextlib.nullcontext():
-            transform = self.get_transform()
-        # the base N(0, I) drawn and scored directly (no Distribution object per call), and the
-        # flow's fused pass called without the transform cache: a fresh draw never hits it
+            self.get_transform()
         loc = self.affine.loc
         shape = (self.latent_dim,) if num_samples is None else (num_samples, self.latent_dim)
-        eps = torch.randn(shape, dtype=loc.dtype, device=loc.device)
-        z, ladj = transform._forward_ladj(eps, None)
+        return self._push(torch.randn(shape, dtype=loc.dtype, device=loc.device))
+
+    def _push(self, eps: Tensor) -> tuple[Tensor, Tensor]:
+        r""":math:`z = g(\varepsilon)` and :math:`\log q(z)` for base noise ``eps``: the base
+        N(0, I) scored directly (no Distribution object per call), and the flow's fused pass
+        called without the transform cache (a fresh draw never hits it)."""
+        z, ladj = self.transform._forward_ladj(eps, None)
         log_base = eps.square().sum(-1).mul(-0.5) - 0.5 * self.latent_dim * _LOG_2PI
         return z, log_base - ladj
 

@@ -260,8 +260,9 @@ def test_particles_with_plated_latents():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("kind", sorted(GUIDES))
-def test_a_model_on_cuda_gets_a_guide_on_cuda(kind):
+def test_a_model_on_cuda_gets_a_guide_on_cuda(kind, jit):
     x = torch.linspace(-1, 1, 30, dtype=torch.float64, device="cuda")
     y = 1000.0 * x + 0.02 * torch.randn(30, dtype=torch.float64, device="cuda")
 
@@ -271,6 +272,6 @@ def test_a_model_on_cuda_gets_a_guide_on_cuda(kind):
             pyro.sample("y", dist.Normal(slope * x, 0.02), obs=y)
 
     guide = GUIDES[kind](model)
-    fg.fit(model, guide, x, y, num_steps=20, num_particles=4, progress=False, seed=0)
+    fg.fit(model, guide, x, y, num_steps=20, num_particles=4, progress=False, seed=0, jit=jit)
     assert all(p.device.type == "cuda" for p in guide.parameters())
     assert guide.median(x, y)["slope"].device.type == "cuda"

@@ -734,3 +734,75 @@ def test_a_site_that_does_not_broadcast_over_the_draws_is_named():
     guide()
     with pytest.raises(ValueError, match=r"site 'obs' .* shape \(4, 1, 5\).* nothing left"):
         flow_elbo_loss(misaligned, guide, num_particles=4)
+
+
+def _with_model_param(x: torch.Tensor) -> None:
+    loc = pyro.sample("loc", dist.Normal(0.0, 5.0))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    gain = pyro.param("gain", torch.tensor(1.0), constraint=constraints.positive)
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("obs", dist.Normal(gain * loc, scale), obs=x)
+
+
+@pytest.mark.parametrize("particles", [1, 4])
+def test_jit_gives_the_same_fit(particles):
+    """jit=True draws the same base noise and computes the same loss: the loss histories and
+    the fitted parameters (the guide's and the model's own) match jit=False's."""
+    x = torch.linspace(-2.0, 2.0, 12)
+    fits = []
+    for jit in (False, True):
+        pyro.clear_param_store()
+        guide = small_guide(_with_model_param)
+        result = fg.fit(
+            _with_model_param,
+            guide,
+            x,
+            num_steps=60,
+            num_particles=particles,
+            progress=False,
+            seed=0,
+            init=None,
+            jit=jit,
+        )
+        params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+        fits.append((result.losses, params))
+    (losses, params), (jit_losses, jit_params) = fits
+    assert len(jit_losses) == 60
+    torch.testing.assert_close(torch.tensor(jit_losses), torch.tensor(losses))
+    assert params.keys() == jit_params.keys() and "gain" in params
+    assert not torch.equal(params["gain"], torch.tensor(1.0))  # the model's parameter trained
+    for name, value in params.items():
+        torch.testing.assert_close(jit_params[name], value, msg=name)
+
+
+def test_jit_refuses_what_a_trace_would_freeze():
+    def subsampled():
+        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 10, subsample_size=3):
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=torch.zeros(3))
+
+    with pytest.raises(ValueError, match=r"subsamples: plate 'data' draws 3 of 10"):
+        guide = small_guide(subsampled)
+        fg.fit(subsampled, guide, num_steps=3, progress=False, init=None, jit=True)
+
+    def reads_a_number():
+        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        # .item() turns a draw into a Python number, which a trace records as a constant
+        spread = 1.0 + loc.detach().abs().sum().item()
+        pyro.sample("obs", dist.Normal(loc, spread), obs=torch.tensor(0.5))
+
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match=r"compiled loss differs .* use jit=False"):
+        fg.fit(
+            reads_a_number,
+            small_guide(reads_a_number),
+            num_steps=3,
+            progress=False,
+            init=None,
+            jit=True,
+        )
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match=r"jit=True .* AutoNormal .* JitTrace_ELBO"):
+        fg.fit(model, AutoNormal(model), num_steps=3, progress=False, jit=True)
+    with pytest.raises(ValueError, match=r"jit=True .* loss Trace_ELBO"):
+        fg.fit(model, small_guide(), num_steps=3, progress=False, loss=Trace_ELBO(), jit=True)
