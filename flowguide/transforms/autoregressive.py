@@ -204,10 +204,11 @@ class _BoundedAffine(torch.autograd.Function):
 
     Written out, the backward is :math:`\bar x = \bar y e^{b}`, :math:`\bar\mu = \bar y`,
     :math:`\bar s = (\bar y e^{b} x + \bar\ell) / d^2` (as :math:`b'(s) = 1 / d^2`), into one
-    gradient buffer for the MADE's output: a handful of elementwise kernels where autograd's
-    graph of the same expression runs about a dozen, and none of the zero-filled copies that
-    slicing the output would cost. Under ``create_graph=True`` the backward differentiates the
-    plain expression instead, so higher derivatives are exact."""
+    gradient for the MADE's output: a handful of elementwise kernels where autograd's graph of
+    the same expression runs about a dozen, and none of the zero-filled copies that slicing the
+    output would cost. It keeps :math:`1 / d`, so that the backward multiplies, not divides.
+    Under ``create_graph=True`` the backward differentiates the plain expression instead, so
+    higher derivatives are exact."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -215,12 +216,12 @@ class _BoundedAffine(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         dim = out.shape[-1] // 2
         loc, s = out[..., :dim], out[..., dim:]
-        d = s.abs().div_(bound).add_(1)
-        b = s / d
+        r = s.abs().mul_(1 / bound).add_(1).reciprocal_()  # 1 / d
+        b = s * r
         ladj = b.sum(-1)
         e = b.exp_()
         y = torch.addcmul(loc, e, x)
-        ctx.save_for_backward(x, out, d, e)
+        ctx.save_for_backward(x, out, r, e)
         ctx.bound = bound
         return y, ladj
 
@@ -228,20 +229,17 @@ class _BoundedAffine(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_y: Tensor | None, grad_ladj: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        x, out, d, e = ctx.saved_tensors
+        x, out, r, e = ctx.saved_tensors
         if torch.is_grad_enabled():
             return _bounded_affine_graph(ctx.needs_input_grad, x, out, ctx.bound, grad_y, grad_ladj)
-        dim = out.shape[-1] // 2
-        grad_out = out.new_empty(out.shape)
         if grad_y is None:
             grad_y = out.new_zeros(())
-        grad_out[..., :dim] = grad_y
         grad_x = grad_y * e
-        grad_b = grad_x * x
+        grad_s = (grad_x * x).sum_to_size(r.shape)
         if grad_ladj is not None:
-            grad_b = grad_b.add_(grad_ladj.unsqueeze(-1))
-        grad_s = grad_out[..., dim:]
-        torch.div(grad_b.sum_to_size(d.shape), d, out=grad_s).div_(d)
+            grad_s = grad_s.add_(grad_ladj.unsqueeze(-1))
+        grad_s = grad_s.mul_(r).mul_(r)  # b'(s) = 1 / d^2
+        grad_out = torch.cat((grad_y.expand_as(grad_s), grad_s), -1)
         return grad_x.sum_to_size(x.shape), grad_out, None
 
 
