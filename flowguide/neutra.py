@@ -23,10 +23,10 @@ Two samplers share one result interface (``get_samples``, ``summary``, ``diagnos
 * :class:`NeuTraMCMC`: Pyro's own NUTS or HMC kernel on a single site ``eps``, one chain at a
   time in this process (no multiprocessing), shaped like :class:`pyro.infer.MCMC`.
 * :class:`ManyChainHMC`: jittered HMC over many chains at once, one batched potential and
-  gradient evaluation for all chains per leapfrog step (the model is run once, in a vectorised
-  plate), with the step size tuned by dual averaging on the chains' harmonic-mean acceptance and
-  the trajectory length by the ChEES criterion (Hoffman, Radul & Sountsov 2021). Suited to GPUs;
-  the device follows the guide.
+  gradient evaluation for all chains per leapfrog step (the model is run once, the chains on a
+  batch dim left of its plates), with the step size tuned by dual averaging on the chains'
+  harmonic-mean acceptance and the trajectory length by the ChEES criterion (Hoffman, Radul &
+  Sountsov 2021). Suited to GPUs; the device follows the guide.
 
 Both return draws in the constrained space under the model's own site names and shapes, unlike
 Pyro's ``NeuTraReparam`` that leaves a single ``*_shared_latent`` site (pyro#2317), and both can
@@ -50,7 +50,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +66,7 @@ from torch import Tensor
 from torch.distributions import Transform, biject_to
 
 from .guides import AutoFlow, _probe_init, plate_nesting
+from .train import _LogJoint
 
 if TYPE_CHECKING:
     import arviz
@@ -74,7 +74,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ManyChainHMC", "NeuTraMCMC", "NeuTraPotential"]
 
-_CHAIN_PLATE = "_neutra_chains"
 _MAX_ENERGY_ERROR = 1000.0  # Pyro's and Stan's threshold for calling a transition divergent
 _KERNELS = {"nuts": NUTS, "hmc": HMC}
 # NeuTraMCMC's NUTS default (Pyro's is 0.8): fewer divergences in the base space's far tails
@@ -120,15 +119,6 @@ def _latent_sites(trace: poutine.Trace) -> dict[str, dict]:
     }
 
 
-def _per_chain(log_prob: Tensor, n: int, nesting: int) -> Tensor:
-    """Sum a site's log-prob over everything but the chains' plate dim (at ``-nesting - 1``)."""
-    k = nesting + 1
-    if log_prob.dim() < k:  # not broadcast along the chains: the same for every chain
-        return log_prob.sum().expand(n)
-    log_prob = log_prob.movedim(-k, 0)
-    return log_prob.reshape(log_prob.shape[0], -1).sum(-1).expand(n)
-
-
 def _row_sum(value: Tensor, n: int) -> Tensor:
     value = torch.as_tensor(value)
     if value.dim() == 0 or value.shape[0] != n:
@@ -151,7 +141,7 @@ class NeuTraPotential:
     fits well.
 
     ``potential(eps)`` takes ``eps`` of shape ``(D,)`` (one model run) or ``(..., D)`` (one model
-    run for all rows, in a vectorised plate left of the model's plates) and returns :math:`U` of
+    run for all rows, on a batch dim left of the model's plates) and returns :math:`U` of
     shape ``eps.shape[:-1]``. Each call with ``eps.requires_grad`` counts as one gradient call of
     ``prod(eps.shape[:-1])`` gradient evaluations (``num_grad_calls``, ``num_grad_evals``).
 
@@ -320,22 +310,15 @@ class NeuTraPotential:
             return self._potential(eps.reshape(-1, eps.shape[-1])).reshape(batch)
         z, ladj = self.transform.forward_and_log_abs_det(eps)
         values, log_jac = self._unpack(z, plate_shaped=True, jacobian=True)
-        with poutine.block(), ExitStack() as stack:
-            if eps.dim() == 2:
-                stack.enter_context(
-                    pyro.plate(_CHAIN_PLATE, eps.shape[0], dim=-self.max_plate_nesting - 1)
-                )
-            conditioned = poutine.condition(self.model, data=values)
-            trace = poutine.trace(conditioned).get_trace(*self.model_args, **self.model_kwargs)
-        if eps.dim() == 1:
-            log_p = trace.log_prob_sum()
-        else:
-            trace.compute_log_prob()
-            n = eps.shape[0]
-            log_p = eps.new_zeros(n)
-            for site in trace.nodes.values():
-                if site["type"] == "sample" and "log_prob" in site:
-                    log_p = log_p + _per_chain(site["log_prob"], n, self.max_plate_nesting)
+        # the model's log joint summed as it runs, one per chain: the chains sit on a batch dim
+        # left of the model's plates, and a site that does not depend on them counts for each
+        chains = eps.shape[0] if eps.dim() == 2 else 1
+        joint = _LogJoint(values, chains, self.max_plate_nesting, per_particle=True)
+        with poutine.block(), joint:
+            self.model(*self.model_args, **self.model_kwargs)
+        log_p = joint.total()
+        if eps.dim() == 2 and chains == 1:
+            log_p = log_p.reshape(1)
         return -(log_p + log_jac + ladj)
 
     def __call__(self, eps: Tensor) -> Tensor:
@@ -1057,9 +1040,9 @@ class ManyChainHMC(_Results):
     cross-chain adaptation of the step size and the trajectory length.
 
     Every leapfrog step evaluates the potential and its gradient for all ``num_chains`` chains in
-    one call: the flow runs on a ``(C, D)`` batch and the model once, inside a vectorised
-    ``pyro.plate`` of size ``C`` left of the model's own plates (as Pyro's vectorised ELBO
-    particles are). All chains share the step size :math:`h` and the number of leapfrog steps,
+    one call: the flow runs on a ``(C, D)`` batch and the model once, the chains on a batch dim
+    of size ``C`` left of the model's own plates (where Pyro's vectorised ELBO puts its
+    particles). All chains share the step size :math:`h` and the number of leapfrog steps,
     which keeps them in lock-step; the mass matrix is the identity, since the flow is the
     preconditioner. A transition draws fresh momenta :math:`p \sim \mathcal{N}(0, I)`, runs
     :math:`n = \lceil u_t T / h \rceil` leapfrog steps with :math:`u_t` the base-2 Halton
@@ -1087,7 +1070,7 @@ class ManyChainHMC(_Results):
       :math:`\log T`.
 
     Args:
-        model: the Pyro model; it must broadcast over a leading plate (no Python control flow on
+        model: the Pyro model; it must broadcast over a leading batch dim (no Python control flow on
             latent values, no ``.item()``); :meth:`run` checks this and raises a ``ValueError``
             suggesting :class:`NeuTraMCMC` otherwise.
         guide: an :class:`~flowguide.guides.AutoFlow` fitted to it; the chains live on its
@@ -1189,7 +1172,7 @@ class ManyChainHMC(_Results):
         eps = 0.5 * torch.randn(k, potential.dim, generator=gen, dtype=torch.float64)
         eps = eps.to(device=potential.device, dtype=potential.dtype)
         advice = (
-            "ManyChainHMC evaluates all chains in one model run, inside a pyro.plate left of the "
+            "ManyChainHMC evaluates all chains in one model run, on a batch dim left of the "
             "model's plates, so the model must broadcast over a leading batch dimension (no "
             "Python branching on latent values, no .item(), no sums over all dims; see Pyro's "
             "tensor shapes tutorial). Use NeuTraMCMC, which runs one chain at a time, instead"

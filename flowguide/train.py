@@ -266,7 +266,8 @@ class _LogJoint(Messenger):
     masked log-densities as the model runs: :math:`\log p(x, z)` without building a trace.
 
     ``values`` may hold ``particles`` draws at dim ``-nesting - 1``, left of the model's
-    ``nesting`` plate dims (as :func:`~flowguide.guides.constrain_latent` puts them). No plate
+    ``nesting`` plate dims (as :func:`~flowguide.guides.constrain_latent` puts them); with
+    ``per_particle`` the total is one log joint per draw, of shape ``(particles,)``. No plate
     broadcasts the model's distributions over that dim: a site whose log-density depends on
     the draws has it there already, and one that does not (data under fixed parameters, a prior
     with constant parameters) has the same log-density for every draw and counts ``particles``
@@ -283,9 +284,11 @@ class _LogJoint(Messenger):
         particles: int,
         nesting: int,
         plates: list[tuple[str, int, int]] | None = None,
+        per_particle: bool = False,
     ) -> None:
         super().__init__()
         self.plates = plates
+        self.per_particle = per_particle
         self.values = values
         self.particles = particles
         self.dim = -nesting - 1
@@ -315,11 +318,16 @@ class _LogJoint(Messenger):
                 f"{tuple(getattr(value, 'shape', ()))}, batch shape {tuple(fn.batch_shape)}, "  # type: ignore[union-attr]
                 f"event shape {tuple(fn.event_shape)})"  # type: ignore[union-attr]
             ) from error
-        log_p = scale_and_mask(log_p, msg["scale"], msg["mask"])
+        log_p = torch.as_tensor(scale_and_mask(log_p, msg["scale"], msg["mask"]))
         term = log_p.sum()
         if self.particles > 1:
             size = log_p.shape[self.dim] if log_p.dim() >= -self.dim else 1
-            if size == 1:
+            if self.per_particle:  # one sum per draw, over everything but the draws' dim
+                if size == 1:
+                    term = term.expand(self.particles)
+                else:
+                    term = log_p.movedim(self.dim, 0).reshape(size, -1).sum(-1)
+            elif size == 1:
                 term = term * self.particles
             if size not in (1, self.particles) or log_p.shape[: self.dim].numel() > 1:
                 raise ValueError(

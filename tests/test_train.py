@@ -23,7 +23,7 @@ from torch.distributions import constraints
 
 import flowguide as fg
 from flowguide.guides import constrain_latent
-from flowguide.train import flow_elbo_loss, load_checkpoint
+from flowguide.train import _LogJoint, flow_elbo_loss, load_checkpoint
 
 MODEL_SRC = textwrap.dedent(
     """
@@ -704,12 +704,19 @@ def test_vectorised_loss_is_the_mean_of_pyros_per_draw_log_weights(particles):
     pyro.set_rng_seed(11)
     z, log_q = guide.rsample_unconstrained(particles if particles > 1 else None)
     z, log_q = z.reshape(particles, -1), log_q.reshape(particles)
-    log_w = []
+    log_w, log_p = [], []
     for s in range(particles):
         values, _, log_jac = constrain_latent(guide, z[s])
         trace = poutine.trace(poutine.condition(_mixed_model, data=values)).get_trace(x)
-        log_w.append(trace.log_prob_sum() + log_jac - log_q[s])
+        log_p.append(trace.log_prob_sum())
+        log_w.append(log_p[-1] + log_jac - log_q[s])
     torch.testing.assert_close(loss, -torch.stack(log_w).mean(), rtol=1e-12, atol=1e-10)
+    # one log joint per draw (NeuTra's many chains): each equals Pyro's for that draw alone
+    values, _, _ = constrain_latent(guide, z, guide.max_plate_nesting)
+    with _LogJoint(values, particles, guide.max_plate_nesting, per_particle=True) as joint:
+        _mixed_model(x)
+    expected = torch.stack(log_p) if particles > 1 else log_p[0]
+    torch.testing.assert_close(joint.total(), expected, rtol=1e-12, atol=1e-10)
 
 
 def test_a_site_that_does_not_broadcast_over_the_draws_is_named():
