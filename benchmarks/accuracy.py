@@ -65,7 +65,7 @@ from pyro.infer.autoguide import (
 import flowguide as fg
 from flowguide.guides import robust_init
 
-__all__ = ["METHODS", "Target", "main", "run", "within"]
+__all__ = ["METHODS", "Target", "log_scaled", "main", "run", "within"]
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,17 +5,22 @@ widths, same bins and bound), it times a training step with ``num_particles`` pa
 
 * flowguide: ``flowguide.fit`` with the guide's default loss (the direct flow ELBO, particles
   vectorised), per step, after a warm-up fit;
+* flowguide jit: ``flowguide.fit(..., jit=True)`` (the loss compiled with ``torch.jit.trace``
+  after the first step), timed as whole fits of ``--jit-steps`` steps (default 500), the one-off
+  compilation included (``--no-jit`` skips these rows);
 * Pyro: ``SVI(model, guide, Adam, Trace_ELBO(num_particles, vectorize_particles=True)).step()``
   with ``AutoIAFNormal`` (IAF) or ``AutoNormalizingFlow`` with ``spline_autoregressive``.
   Pyro's default spline is the linear-rational one (``order="linear"``); its rational-quadratic
   one (``order="quadratic"``, the spline flowguide uses) fails inside an SVI guide in pyro 1.9.2
   with ``ValueError: too many values to unpack``, so the comparison uses Pyro's default.
+  The script also tries Pyro's ``JitTrace_ELBO`` with the same guides and reports its failure
+  (pyro#3132) under the table.
 
-The two run side by side: after a warm-up of each, blocks of ``--steps`` steps alternate
-between them, in a random order per repeat, so that load changes on a shared machine hit both
-alike (the ratio is the robust figure; the absolute times depend on the load). ``--clock cpu``
-reads the calling thread's CPU time instead of the wall clock: with one torch thread it holds
-all of a step's work, and none of the time the process waits while other jobs run.
+They run side by side: after a warm-up of each, their blocks alternate, in a random order per
+repeat, so that load changes on a shared machine hit all alike (the ratio is the robust figure;
+the absolute times depend on the load). ``--clock cpu`` reads the calling thread's CPU time
+instead of the wall clock: with one torch thread it holds all of a step's work, and none of the
+time the process waits while other jobs run.
 
 It prints a markdown table of milliseconds per step (medians over repeats) and the ratio
 Pyro / flowguide (above 1: flowguide is faster). No timing is asserted anywhere.

@@ -38,7 +38,6 @@ guide                     default flow
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -442,8 +441,9 @@ class AutoFlow(AutoContinuous):
                 f"{type(self).__name__} is not set up yet: call it once with the model's "
                 "arguments (or use flowguide.fit)"
             )
-        with self._pyro_context if register else contextlib.nullcontext():
-            self.get_transform()
+        if register:  # reached under the guide's Pyro context, the flow registers its parameters
+            with self._pyro_context:
+                self.get_transform()
         loc = self.affine.loc
         shape = (self.latent_dim,) if num_samples is None else (num_samples, self.latent_dim)
         return self._push(torch.randn(shape, dtype=loc.dtype, device=loc.device))

@@ -882,7 +882,7 @@ def fit(
         jit: compile the default loss of an :class:`AutoFlow` with ``torch.jit.trace`` after
             the first step: the flow, the ``biject_to`` maps and the model's log density become
             one TorchScript graph, run with no Python, Pyro handlers or argument validation per
-            step (about half the step time on small models: ``docs/benchmarks/svi.md``). The
+            step (0.6 to 0.8 of the step time on small models: ``docs/benchmarks/svi.md``). The
             losses are the same as without it (the same draws, the same seed). The model must
             have a static structure: no Python control flow on sampled values, no ``.item()``,
             fixed arguments, no subsampled plate (refused: its indices would be frozen). The
