@@ -340,6 +340,8 @@ class Config:
     mc_warmup: int
     mc_samples: int
     max_tree_depth: int = 10
+    target_accept: float | None = None  # NeuTraMCMC's NUTS (None: its default)
+    mc_target_accept: float | None = None  # ManyChainHMC's (None: its default)
 
 
 def _pyro_nuts(
@@ -616,6 +618,7 @@ def run_target(target: Target, methods: list[str], cfg: Config, seed: int) -> li
                 warmup_steps=cfg.warmup,
                 progress=False,
                 max_tree_depth=cfg.max_tree_depth,
+                **({} if cfg.target_accept is None else {"target_accept_prob": cfg.target_accept}),
             )
             samples, grads, divs, secs, ok = _ours(sampler, seed)
             return samples, grads, divs, secs, fit_s, ok
@@ -627,6 +630,9 @@ def run_target(target: Target, methods: list[str], cfg: Config, seed: int) -> li
         if iaf is None:  # AutoIAF's NeuTra NUTS was not asked for: fit it here
             iaf = _fit_flow(target, fg.AutoIAF, cfg, seed)
         guide, fit_s = iaf
+        options = {}
+        if cfg.mc_target_accept is not None:
+            options["target_accept_prob"] = cfg.mc_target_accept
         sampler = ManyChainHMC(
             target.model,
             guide,
@@ -634,6 +640,7 @@ def run_target(target: Target, methods: list[str], cfg: Config, seed: int) -> li
             num_samples=cfg.mc_samples,
             warmup_steps=cfg.mc_warmup,
             progress=False,
+            **options,
         )
         samples, grads, divs, secs, ok = _ours(sampler, seed)
         return samples, grads, divs, secs, fit_s, ok
@@ -797,6 +804,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--max-tree-depth", type=int, default=10, help="every NUTS run's (Pyro's default 10)"
     )
+    parser.add_argument(
+        "--target-accept", type=float, help="NeuTraMCMC's NUTS target acceptance (its default)"
+    )
+    parser.add_argument(
+        "--mc-target-accept", type=float, help="ManyChainHMC's target acceptance (its default)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--only", nargs="*", help="targets whose name contains one of these")
     parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
@@ -816,6 +829,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             args.mc_warmup,
             args.mc_samples,
             args.max_tree_depth,
+            args.target_accept,
+            args.mc_target_accept,
         )
         only = args.only
     chosen = targets(args.root, only)
@@ -824,7 +839,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     intro = [
         f"warm-up {cfg.warmup}, draws {cfg.samples} (one chain); fit {cfg.fit_steps} steps x "
         f"{cfg.particles} particles; ManyChainHMC {cfg.chains} chains x ({cfg.mc_warmup} warm-up "
-        f"+ {cfg.mc_samples} draws); NUTS max tree depth {cfg.max_tree_depth}; seeds "
+        f"+ {cfg.mc_samples} draws); NUTS max tree depth {cfg.max_tree_depth}; target "
+        f"acceptance {cfg.target_accept or 'default'} (NeuTra NUTS), "
+        f"{cfg.mc_target_accept or 'default'} (ManyChainHMC); seeds "
         f"{args.seeds}; torch {torch.__version__}, pyro {pyro.__version__}, "
         f"{torch.get_num_threads()} thread; {peer}",
         "",
