@@ -432,13 +432,13 @@ def test_bad_arguments(gauss_guide):
 
 
 def test_nuts_targets_a_higher_acceptance_by_default(gauss_guide):
-    """NeuTraMCMC's NUTS adapts to 0.9 unless told otherwise (the base space's far tails, where
+    """NeuTraMCMC's NUTS adapts to 0.95 unless told otherwise (the base space's far tails, where
     the flow extrapolates, diverge at Pyro's 0.8); HMC keeps Pyro's default."""
 
     def target(mcmc):
         return mcmc._make_kernel(lambda params: torch.zeros(()))._adapter.target_accept_prob
 
-    assert target(NeuTraMCMC(gaussian, gauss_guide)) == 0.9
+    assert target(NeuTraMCMC(gaussian, gauss_guide)) == 0.95
     assert target(NeuTraMCMC(gaussian, gauss_guide, target_accept_prob=0.8)) == 0.8
     hmc = NeuTraMCMC(gaussian, gauss_guide, kernel="hmc")
     assert "target_accept_prob" not in hmc.kernel_options
