@@ -979,6 +979,9 @@ def fit(
 
     # one evaluation sets up every parameter (guide and model) before the optimiser is made; a
     # fresh run takes it as its first step's loss (a resumed one restores other parameters)
+    # with a checkpoint, the random state at the start of the current step: a Ctrl-C saves it, so
+    # that a resumed run redoes the interrupted step with the draws of an uninterrupted one
+    step_rng = torch.get_rng_state() if path is not None else None
     first: Tensor | None
     first, params = _params(run)
     params = _unique(params)
@@ -1030,6 +1033,8 @@ def fit(
     bad = 0
     try:
         while step < num_steps:
+            if path is not None and first is None:  # step 0's draws came with the set-up
+                step_rng = torch.get_rng_state()
             for group in optimizer.param_groups:  # the schedule is a function of the step alone
                 group["lr"] = lr * gamma**step
             try:
@@ -1093,6 +1098,8 @@ def fit(
                     break
     except KeyboardInterrupt:
         result.stopped = "interrupted"
+        if step_rng is not None:
+            torch.set_rng_state(step_rng)
     finally:
         if bar is not None:
             bar.close()

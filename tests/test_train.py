@@ -287,6 +287,40 @@ def test_resume_after_the_process_is_killed(tmp_path):
         torch.testing.assert_close(p.detach(), fitted[name], rtol=1e-5, atol=1e-5)
 
 
+def test_resume_after_ctrl_c_redoes_the_interrupted_step(tmp_path):
+    """A Ctrl-C in the middle of a step (here: inside the model) leaves a checkpoint from which
+    the run continues as if never stopped: the same losses and the same fitted parameters."""
+    calls, stop_at = [0], [None]
+
+    def stoppable():
+        calls[0] += 1
+        if calls[0] == stop_at[0]:
+            raise KeyboardInterrupt
+        model()
+
+    def run(checkpoint=None):
+        pyro.clear_param_store()
+        guide = small_guide(stoppable)
+        options = {"checkpoint": checkpoint, "checkpoint_every": 10} if checkpoint else {}
+        result = fg.fit(
+            stoppable, guide, num_steps=40, progress=False, seed=3, init=None, **options
+        )
+        return result, {k: v.detach().clone() for k, v in guide.named_parameters()}
+
+    reference, fitted = run()
+    calls[0], stop_at[0] = 0, 26  # a model run in the middle of a step between two checkpoints
+    interrupted, _ = run(tmp_path / "fit.pt")
+    done = len(interrupted.losses)
+    assert interrupted.stopped == "interrupted" and 20 < done < 30
+    assert load_checkpoint(tmp_path / "fit.pt")["step"] == done
+    stop_at[0] = None
+    resumed, params = run(tmp_path / "fit.pt")
+    assert resumed.stopped == "budget"
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(reference.losses))
+    for name, value in fitted.items():
+        torch.testing.assert_close(params[name], value, msg=name)
+
+
 class _Recording(torch.optim.Adam):
     """Adam that keeps a copy of the parameters after every step."""
 
