@@ -816,6 +816,27 @@ def test_jit_gives_the_same_fit(particles):
         torch.testing.assert_close(jit_params[name], value, msg=name)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: fg.AutoPlanar(m, num_flows=4),
+        lambda m: fg.AutoRadial(m, num_flows=4),
+        lambda m: fg.AutoNeuralSpline(m, num_flows=2, hidden=(8,)),
+        lambda m: fg.AutoNeuralSpline(m, num_flows=2, hidden=(8,), coupling=True),
+    ],
+    ids=["planar", "radial", "spline", "spline-coupling"],
+)
+def test_jit_gives_the_same_losses_for_every_family(make):
+    x = torch.linspace(-2.0, 2.0, 12)
+    runs = []
+    for jit in (False, True):
+        pyro.clear_param_store()
+        guide = make(_with_model_param)
+        options = {"num_steps": 20, "num_particles": 3, "progress": False, "seed": 0}
+        runs.append(fg.fit(_with_model_param, guide, x, init=None, jit=jit, **options).losses)
+    torch.testing.assert_close(torch.tensor(runs[1]), torch.tensor(runs[0]))
+
+
 def test_jit_refuses_what_a_trace_would_freeze():
     def subsampled():
         loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
