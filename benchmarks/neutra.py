@@ -18,11 +18,11 @@ Methods, all with the same warm-up and draws, one chain each (except the many-ch
 * ``NeuTra NUTS (AutoIAF)`` and ``NeuTra NUTS (AutoNeuralSpline)``: the guide (defaults) fitted
   with ``flowguide.fit`` (``--fit-steps`` steps, ``--particles`` particles, no early stopping),
   then ``flowguide.neutra.NeuTraMCMC(kernel="nuts")`` in its base space (Pyro's NUTS kernel with
-  NeuTraMCMC's defaults: as above but target acceptance 0.9);
-* ``ManyChainHMC (AutoIAF)``: ``flowguide.neutra.ManyChainHMC`` in the base space of the same
-  AutoIAF fit, ``--chains`` chains in lock-step with ChEES trajectory adaptation
-  (``--mc-warmup`` warm-up transitions and ``--mc-samples`` draws per chain); the fit time is the
-  AutoIAF fit's;
+  NeuTraMCMC's defaults: as above but target acceptance 0.95);
+* ``ManyChainHMC (AutoIAF)`` and ``ManyChainHMC (AutoNeuralSpline)``:
+  ``flowguide.neutra.ManyChainHMC`` in the base space of the same guide's fit, ``--chains``
+  chains in lock-step with ChEES trajectory adaptation (``--mc-warmup`` warm-up transitions and
+  ``--mc-samples`` draws per chain); the fit time is that fit's;
 * ``pyro NeuTraReparam (AutoIAFNormal)``: Pyro's own route, ``AutoIAFNormal`` (defaults) fitted
   with ``Trace_ELBO`` (same steps, particles and learning-rate schedule through
   ``flowguide.fit``), then ``NUTS`` on ``poutine.reparam(model, NeuTraReparam(guide))`` and
@@ -105,6 +105,7 @@ METHODS = [
     "NeuTra NUTS (AutoIAF)",
     "NeuTra NUTS (AutoNeuralSpline)",
     "ManyChainHMC (AutoIAF)",
+    "ManyChainHMC (AutoNeuralSpline)",
     "pyro NeuTraReparam (AutoIAFNormal)",
     "numpyro NUTS",
     "numpyro NeuTra (AutoIAFNormal)",
@@ -577,7 +578,7 @@ def _numpyro_neutra(
 def run_target(target: Target, methods: list[str], cfg: Config, seed: int) -> list[dict[str, Any]]:
     """Every method on one target with one seed; a failed method gives a row with ``error``."""
     rows: list[dict[str, Any]] = []
-    iaf: tuple[fg.AutoFlow, float] | None = None
+    fits: dict[type, tuple[fg.AutoFlow, float]] = {}
 
     def record(method: str, fn: Callable[[], tuple]) -> None:
         row: dict[str, Any] = {"target": target.name, "method": method, "seed": seed}
@@ -606,10 +607,8 @@ def run_target(target: Target, methods: list[str], cfg: Config, seed: int) -> li
 
     def neutra(guide_cls: type[fg.AutoFlow]) -> Callable[[], tuple]:
         def go() -> tuple:
-            nonlocal iaf
             guide, fit_s = _fit_flow(target, guide_cls, cfg, seed)
-            if guide_cls is fg.AutoIAF:
-                iaf = (guide, fit_s)
+            fits[guide_cls] = (guide, fit_s)
             sampler = NeuTraMCMC(
                 target.model,
                 guide,
@@ -625,11 +624,13 @@ def run_target(target: Target, methods: list[str], cfg: Config, seed: int) -> li
 
         return go
 
-    def many_chain() -> tuple:
-        nonlocal iaf
-        if iaf is None:  # AutoIAF's NeuTra NUTS was not asked for: fit it here
-            iaf = _fit_flow(target, fg.AutoIAF, cfg, seed)
-        guide, fit_s = iaf
+    def many_chain(guide_cls: type[fg.AutoFlow]) -> Callable[[], tuple]:
+        return lambda: _many_chain(guide_cls)
+
+    def _many_chain(guide_cls: type[fg.AutoFlow]) -> tuple:
+        if guide_cls not in fits:  # the same guide's NeuTra NUTS was not asked for: fit it here
+            fits[guide_cls] = _fit_flow(target, guide_cls, cfg, seed)
+        guide, fit_s = fits[guide_cls]
         options = {}
         if cfg.mc_target_accept is not None:
             options["target_accept_prob"] = cfg.mc_target_accept
@@ -657,13 +658,14 @@ def run_target(target: Target, methods: list[str], cfg: Config, seed: int) -> li
         samples, grads, divs, sample_s, fit_s = _numpyro_neutra(np_, target, cfg, seed)
         return samples, grads, divs, sample_s, fit_s, None
 
-    # AutoIAF's fit is shared by NeuTra NUTS and ManyChainHMC, so those two run back to back
-    # (a later clear_param_store would orphan the fitted guide's parameters)
+    # a guide's fit is shared by its NeuTra NUTS and its ManyChainHMC, so those two run back to
+    # back (a later clear_param_store would orphan the fitted guide's parameters)
     plan: dict[str, Callable[[], tuple]] = {
         "pyro NUTS": nuts,
         "NeuTra NUTS (AutoIAF)": neutra(fg.AutoIAF),
-        "ManyChainHMC (AutoIAF)": many_chain,
+        "ManyChainHMC (AutoIAF)": many_chain(fg.AutoIAF),
         "NeuTra NUTS (AutoNeuralSpline)": neutra(fg.AutoNeuralSpline),
+        "ManyChainHMC (AutoNeuralSpline)": many_chain(fg.AutoNeuralSpline),
         "pyro NeuTraReparam (AutoIAFNormal)": pyro_neutra,
         "numpyro NUTS": numpyro_nuts,
         "numpyro NeuTra (AutoIAFNormal)": numpyro_neutra,
@@ -750,7 +752,12 @@ def _goals(rows: list[dict[str, Any]]) -> list[str]:
     """The funnel results read against the NeuTra goals, per seed."""
     lines = []
     funnel = [r for r in rows if r["target"].startswith("funnel") and "error" not in r]
-    ours = ("NeuTra NUTS (AutoIAF)", "NeuTra NUTS (AutoNeuralSpline)", "ManyChainHMC (AutoIAF)")
+    ours = (
+        "NeuTra NUTS (AutoIAF)",
+        "NeuTra NUTS (AutoNeuralSpline)",
+        "ManyChainHMC (AutoIAF)",
+        "ManyChainHMC (AutoNeuralSpline)",
+    )
     for seed in dict.fromkeys(r["seed"] for r in funnel):
         by = {r["method"]: r for r in funnel if r["seed"] == seed}
         nuts = by.get("pyro NUTS")
