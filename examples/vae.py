@@ -87,6 +87,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flowguide.amortized import (  # noqa: E402
+    FLOW_FAMILIES,
     AutoAmortizedFlow,
     dreg_loss,
     importance_weighted_log_likelihood,
@@ -101,6 +102,7 @@ from flowguide.distributed import (  # noqa: E402
     shard_slice,
     step_seed,
 )
+from flowguide.guides import default_hidden  # noqa: E402
 from flowguide.train import default_optimizer  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "binarized_mnist_static.npz"
@@ -161,6 +163,7 @@ class VAE:
             encoder.to(self.device, dtype),
             flow=flow,
             num_flows=args.num_flows.get(flow),
+            hidden=args.made_hidden if flow in ("iaf", "nsf") else None,
             create_plates=self.data_plate,
         )
 
@@ -322,6 +325,8 @@ def train_one(
     }
     config |= {"posterior": name, "objective": args.objective, "data": args.data_name}
     config |= {"train_size": len(x_train), "num_flows": str(args.num_flows.get(flow))}
+    if args.made_hidden is not None and flow in ("iaf", "nsf"):
+        config["made_hidden"] = list(args.made_hidden)
     if args.dtype != "float32":
         config["dtype"] = args.dtype
     if ctx is not None:  # sharded epoch permutations and per-step noise, whatever the world size
@@ -591,6 +596,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--posteriors", default=",".join(POSTERIORS), help="comma-separated")
     p.add_argument("--flows", type=int, default=None, help="layers for every flow family")
+    p.add_argument(
+        "--flow-layers",
+        default="",
+        help="layers per family, e.g. 'iaf=4,nsf=4' (overrides --flows for those families)",
+    )
+    p.add_argument(
+        "--made-hidden",
+        default="",
+        help="the IAF's and NSF's MADE hidden widths, e.g. '320' or '128,128' (default: "
+        "flowguide's, two layers of 4 x latent dim)",
+    )
     p.add_argument("--objective", choices=["elbo", "dreg"], default="elbo")
     p.add_argument("--iw-train", type=int, default=8, help="samples per datum for --objective dreg")
     p.add_argument("--iw-samples", type=int, default=200, help="importance samples for the NLL")
@@ -646,6 +662,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         except ValueError as error:
             p.error(f"--batch-size {args.batch_size}: {error}")
     args.num_flows = {f: args.flows for f in POSTERIORS.values() if f is not None}
+    for item in filter(None, args.flow_layers.split(",")):
+        family, _, layers = item.partition("=")
+        if family not in args.num_flows or not layers.isdigit() or int(layers) < 1:
+            p.error(
+                f"--flow-layers: expected FAMILY=N with N >= 1 and a family of "
+                f"{list(args.num_flows)}, got {item!r}"
+            )
+        args.num_flows[family] = int(layers)
+    widths = args.made_hidden.split(",") if args.made_hidden else []
+    if not all(w.isdigit() and int(w) > 0 for w in widths):
+        p.error(
+            f"--made-hidden: expected positive widths separated by commas, got {args.made_hidden!r}"
+        )
+    args.made_hidden = tuple(int(w) for w in widths) or None
     return args
 
 
@@ -750,6 +780,19 @@ def standard_error(values: Tensor) -> float:
     return (values.std() / math.sqrt(max(values.numel(), 1))).item()
 
 
+def flow_settings(args: argparse.Namespace) -> str:
+    """One sentence with every flow family's layers and conditioner widths, as trained."""
+    made = args.made_hidden or default_hidden(args.latent_dim)
+    widths = " x ".join(str(w) for w in made)
+    layers = {f: args.num_flows.get(f) or FLOW_FAMILIES[f] for f in FLOW_FAMILIES}
+    return (
+        f"Flows: {layers['planar']} planar layers (parameters from one linear map of the "
+        f"encoder's context), {layers['radial']} radial layers, {layers['iaf']} IAF and "
+        f"{layers['nsf']} neural-spline autoregressive layers (MADE hidden widths {widths}, "
+        "reading the context)."
+    )
+
+
 def write_table(
     results: dict[str, dict[str, float]], args: argparse.Namespace, n_test: int, out: Path
 ) -> None:
@@ -770,6 +813,8 @@ def write_table(
         + (f" per process, data-parallel over {args.world_size}" if args.distributed else "")
         + (f"; {args.dtype}" if args.dtype != "float32" else "")
         + ".",
+        "",
+        flow_settings(args),
         "",
         f"Test -ELBO: all {n_test} test images, one sample each. NLL: importance sampling with "
         f"K = {args.iw_samples} samples per image on a seeded random subset of "

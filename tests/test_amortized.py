@@ -102,6 +102,19 @@ def test_log_prob_is_base_minus_log_det(flow):
     # a fresh distribution (no cache): log_prob inverts the flow
     fresh = posterior.distribution(loc, scale, context)
     assert torch.allclose(fresh.log_prob(z), base.log_prob(z0) - ladj, atol=1e-6)
+
+    # the same density by the change of variables on the autograd Jacobian of eps -> z
+    def push(e):
+        u, _ = posterior.flow.condition(context[0]).forward_and_log_abs_det(loc[0] + scale[0] * e)
+        return u
+
+    eps = (z0[0, 0] - loc[0]) / scale[0]
+    jac = torch.autograd.functional.jacobian(push, eps)
+    by_jacobian = dist.Normal(0.0, 1.0).log_prob(eps).sum() - torch.linalg.slogdet(jac)[1]
+    assert torch.allclose(fresh.log_prob(z)[0, 0], by_jacobian, atol=1e-8)
+    # the stopped-gradient density of the DReG estimator agrees
+    stopped = posterior.log_prob_stopped(z, (loc, scale, context))
+    assert torch.allclose(stopped, base.log_prob(z0) - ladj, atol=1e-6)
     # the fused draw agrees with log_prob
     z, log_q = posterior.rsample_and_log_prob(x, 3)
     assert torch.allclose(posterior(x).log_prob(z), log_q, atol=1e-6)
@@ -607,3 +620,32 @@ def test_vae_example_smoke(tmp_path):
         assert name in table
     for figure in ("samples.png", "reconstructions.png", "training_curves.png"):
         assert (out / figure).stat().st_size > 0
+
+
+def test_vae_example_flow_options():
+    """--flow-layers and --made-hidden reach the flows the example builds; bad values exit."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vae_example", ROOT / "examples" / "vae.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = example.parse(["--smoke", "--flow-layers", "iaf=3,nsf=1", "--made-hidden", "24,16"])
+    assert args.num_flows == {"planar": 2, "radial": 2, "iaf": 3, "nsf": 1}
+    assert args.made_hidden == (24, 16)
+    assert "3 IAF and 1 neural-spline" in example.flow_settings(args)
+    data, _ = example.make_synthetic()
+    pyro.clear_param_store()
+    vae = example.VAE("iaf", data["train"].shape[1], args)
+    vae.guide.setup(data["train"], 1.0)
+    layers = [
+        m
+        for m in vae.guide.posterior.flow.modules()
+        if isinstance(m, fg.transforms.AffineAutoregressive)
+    ]
+    assert len(layers) == 3
+    widths = [m.out_features for m in layers[0].made.net if isinstance(m, nn.Linear)]
+    assert widths[:2] == [24, 16]
+    for bad in (["--flow-layers", "iaf=0"], ["--flow-layers", "maf=2"], ["--made-hidden", "8,x"]):
+        with pytest.raises(SystemExit):
+            example.parse(bad)
