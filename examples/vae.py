@@ -771,13 +771,26 @@ def study(args: argparse.Namespace, ctx: DistributedContext | None) -> None:
                 results[name]["interleaved_ratio"] = t["wall"] / timing["diagonal"]["wall"]
                 results[name]["interleaved_cpu_ratio"] = t["cpu"] / timing["diagonal"]["cpu"]
             say(f"  {name}: {t['wall']:.1f} s/epoch ({t['cpu']:.1f} s CPU)")
-    write_table(results, args, len(data["test"]), out)
+    pairs = paired_differences(per_image)
+    write_table(results, args, len(data["test"]), out, pairs)
     figures(vaes, histories, data["test"], shape, out, args.seed)
     say(f"wrote {out / 'results.md'} and figures in {out}")
 
 
 def standard_error(values: Tensor) -> float:
     return (values.std() / math.sqrt(max(values.numel(), 1))).item()
+
+
+def paired_differences(per_image: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+    """Mean NLL difference, row minus column, with its standard error, for every pair of
+    posteriors evaluated on the same test images (the image-to-image spread cancels)."""
+    return {
+        f"{a} - {b}": {
+            "mean": (per_image[a] - per_image[b]).mean().item(),
+            "se": standard_error(per_image[a] - per_image[b]),
+        }
+        for a, b in itertools.permutations(per_image, 2)
+    }
 
 
 def flow_settings(args: argparse.Namespace) -> str:
@@ -794,7 +807,11 @@ def flow_settings(args: argparse.Namespace) -> str:
 
 
 def write_table(
-    results: dict[str, dict[str, float]], args: argparse.Namespace, n_test: int, out: Path
+    results: dict[str, dict[str, float]],
+    args: argparse.Namespace,
+    n_test: int,
+    out: Path,
+    pairs: dict[str, dict[str, float]] | None = None,
 ) -> None:
     lines = [
         "# VAE posteriors: diagonal Gaussian vs amortized flows",
@@ -852,6 +869,24 @@ def write_table(
         f"{args.timing_rounds} rounds scaled to an epoch (every posterior under the same load); "
         "results.json also has this thread's CPU time.",
     ]
+    names = list(results)
+    if pairs and len(names) > 1:
+        lines += [
+            "",
+            "Paired NLL differences, row minus column (negative: the row's posterior is better), "
+            "± one standard error over the same test images:",
+            "",
+            "| | " + " | ".join(names) + " |",
+            "| --- |" + " ---: |" * len(names),
+        ]
+        for a in names:
+            cells = [
+                ""
+                if a == b
+                else f"{pairs[f'{a} - {b}']['mean']:+.2f} ± {pairs[f'{a} - {b}']['se']:.2f}"
+                for b in names
+            ]
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
     if args.data_name.startswith("binarized MNIST"):
         lines += [
             "",
@@ -861,7 +896,11 @@ def write_table(
         ]
     lines.append("")
     (out / "results.md").write_text("\n".join(lines))
-    payload = {"settings": {k: str(v) for k, v in vars(args).items()}, "results": results}
+    payload = {
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "results": results,
+        "paired_nll_differences": pairs or {},
+    }
     (out / "results.json").write_text(json.dumps(payload, indent=2))
 
 

@@ -3,6 +3,7 @@ errors, and a smoke run of examples/vae.py."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -620,6 +621,19 @@ def test_vae_example_smoke(tmp_path):
         assert name in table
     for figure in ("samples.png", "reconstructions.png", "training_curves.png"):
         assert (out / figure).stat().st_size > 0
+    # every pair of posteriors compared on the same images: antisymmetric, and the diagonal
+    # column agrees with the table's per-posterior paired column
+    assert "Paired NLL differences" in table
+    saved = json.loads((out / "results.json").read_text())
+    pairs, results = saved["paired_nll_differences"], saved["results"]
+    assert len(pairs) == 5 * 4
+    for key, value in pairs.items():
+        a, b = key.split(" - ")
+        assert value["mean"] == pytest.approx(-pairs[f"{b} - {a}"]["mean"], abs=1e-9)
+        assert value["se"] == pytest.approx(pairs[f"{b} - {a}"]["se"], abs=1e-9)
+    assert pairs["iaf - diagonal"]["mean"] == pytest.approx(
+        results["iaf"]["nll_minus_diagonal"], abs=1e-9
+    )
 
 
 def test_vae_example_flow_options():
