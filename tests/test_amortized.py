@@ -21,6 +21,7 @@ from flowguide.amortized import (
     AmortizedFlowPosterior,
     AmortizedPlanar,
     AutoAmortizedFlow,
+    build_conditional_flow,
     dreg_loss,
     importance_weighted_log_likelihood,
     iwae_bound,
@@ -74,6 +75,23 @@ def test_starts_as_the_diagonal_gaussian_encoder(flow):
     assert torch.allclose(q.log_prob(z), base.log_prob(z), atol=1e-10)
     z, log_q = posterior.rsample_and_log_prob(x, 4)
     assert torch.allclose(log_q, base.log_prob(z), atol=1e-10)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_nsf_ends_with_an_affine_layer_that_reads_the_context(affine):
+    flow = build_conditional_flow("nsf", 3, context_dim=4, num_flows=2, affine=affine).double()
+    kinds = [type(layer).__name__ for layer in flow.flows]
+    assert kinds == ["SplineAutoregressive"] * 2 + ["AffineAutoregressive"] * affine
+    assert all(layer.context_dim == 4 for layer in flow.flows)
+    # the orders alternate through the closing layer too
+    orders = [layer.order.tolist() for layer in flow.flows]
+    assert orders[:3] == [[0, 1, 2], [2, 1, 0], [0, 1, 2]][: len(orders)]
+    if affine:  # the closing layer alone moves the output once its MADE is not zero
+        x, h = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+        before = flow.condition(h)(x)
+        with torch.no_grad():
+            flow.flows[-1].made.output_layer.bias.normal_()
+        assert not torch.allclose(flow.condition(h)(x), before)
 
 
 @pytest.mark.parametrize("flow", FLOWS)
