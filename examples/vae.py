@@ -552,21 +552,43 @@ def figures(
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    # the flows' held-out -ELBO relative to the diagonal posterior's, epoch by epoch, when every
+    # posterior has the same epochs: the curves' common fall hides differences of a nat or two
+    reference = histories.get("diagonal", {}).get("valid_elbo")
+    relative = reference is not None and all(
+        len(h["valid_elbo"]) == len(reference) for h in histories.values()
+    )
     for n in names:
         h = histories[n]
         if h["curve_step"]:
-            axes[0].plot(h["curve_step"], h["curve_loss"], label=n)
+            axes[0].plot(h["curve_step"], h["curve_loss"], label=n, linewidth=1)
         else:  # fewer than 50 steps
             axes[0].plot(range(1, len(h["train_loss"]) + 1), h["train_loss"], marker="o", label=n)
         epochs = range(1, len(h["valid_elbo"]) + 1)
-        axes[1].plot(epochs, [-v for v in h["valid_elbo"]], marker="o", label=n)
+        if relative:
+            gap = [r - v for v, r in zip(h["valid_elbo"], reference, strict=True)]
+            axes[1].plot(epochs, gap, marker="o", markersize=3, label=n)
+        else:
+            axes[1].plot(epochs, [-v for v in h["valid_elbo"]], marker="o", label=n)
     axes[0].set_title("training loss per datum, mean of 50 steps\n(beta-weighted in warm-up)")
     axes[0].set_xlabel("step")
     if all(len(h["curve_loss"]) >= 8 for h in histories.values()):
         # clip the first quarter's large values so that the later differences show
         top = max(max(h["curve_loss"][len(h["curve_loss"]) // 4 :]) for h in histories.values())
         axes[0].set_ylim(top=top)
-    axes[1].set_title("held-out -ELBO (nats), 1000 validation images")
+    if relative:
+        axes[1].set_title(
+            "held-out -ELBO minus the diagonal posterior's\n(nats, 1000 validation images)"
+        )
+        if len(reference) > 2:  # the first epochs' gaps dwarf the rest
+            later = [
+                r - v
+                for h in histories.values()
+                for v, r in zip(h["valid_elbo"][1:], reference[1:], strict=True)
+            ]
+            axes[1].set_ylim(min(later) - 0.2, max(later) + 0.2)
+    else:
+        axes[1].set_title("held-out -ELBO (nats), 1000 validation images")
     axes[1].set_xlabel("epoch")
     axes[1].xaxis.get_major_locator().set_params(integer=True)
     for a in axes:
