@@ -164,6 +164,8 @@ class VAE:
             flow=flow,
             num_flows=args.num_flows.get(flow),
             hidden=args.made_hidden if flow in ("iaf", "nsf") else None,
+            bins=args.spline_bins,
+            bound=args.spline_bound,
             create_plates=self.data_plate,
         )
 
@@ -327,6 +329,8 @@ def train_one(
     config |= {"train_size": len(x_train), "num_flows": str(args.num_flows.get(flow))}
     if args.made_hidden is not None and flow in ("iaf", "nsf"):
         config["made_hidden"] = list(args.made_hidden)
+    if flow == "nsf" and (args.spline_bins, args.spline_bound) != (8, 3.0):
+        config |= {"spline_bins": args.spline_bins, "spline_bound": args.spline_bound}
     if args.dtype != "float32":
         config["dtype"] = args.dtype
     if ctx is not None:  # sharded epoch permutations and per-step noise, whatever the world size
@@ -616,6 +620,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=100,
         help="steps of linear learning-rate warm-up (0: none); see the module docstring",
     )
+    p.add_argument("--spline-bins", type=int, default=8, help="the NSF's bins")
+    p.add_argument("--spline-bound", type=float, default=3.0, help="the NSF's half-width")
     p.add_argument("--posteriors", default=",".join(POSTERIORS), help="comma-separated")
     p.add_argument("--flows", type=int, default=None, help="layers for every flow family")
     p.add_argument(
@@ -823,8 +829,9 @@ def flow_settings(args: argparse.Namespace) -> str:
     return (
         f"Flows: {layers['planar']} planar layers (parameters from one linear map of the "
         f"encoder's context), {layers['radial']} radial layers, {layers['iaf']} IAF and "
-        f"{layers['nsf']} neural-spline autoregressive layers (MADE hidden widths {widths}, "
-        "reading the context)."
+        f"{layers['nsf']} neural-spline autoregressive layers ({args.spline_bins} bins on "
+        f"[-{args.spline_bound:g}, {args.spline_bound:g}]) and a closing affine one (MADE "
+        f"hidden widths {widths}, reading the context)."
     )
 
 

@@ -662,10 +662,18 @@ def test_vae_example_flow_options():
     assert spec is not None and spec.loader is not None
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    args = example.parse(["--smoke", "--flow-layers", "iaf=3,nsf=1", "--made-hidden", "24,16"])
+    args = example.parse(
+        ["--smoke", "--flow-layers", "iaf=3,nsf=1", "--made-hidden", "24,16", "--spline-bins", "5"]
+    )
     assert args.num_flows == {"planar": 2, "radial": 2, "iaf": 3, "nsf": 1}
     assert args.made_hidden == (24, 16)
-    assert "3 IAF and 1 neural-spline" in example.flow_settings(args)
+    assert "3 IAF and 1 neural-spline autoregressive layers (5 bins on [-3, 3])" in (
+        example.flow_settings(args)
+    )
+    nsf = example.VAE("nsf", 64, args).guide
+    nsf.setup(example.make_synthetic()[0]["train"], 1.0)
+    splines = [m for m in nsf.posterior.flow.modules() if isinstance(m, fg.SplineAutoregressive)]
+    assert [m.bins for m in splines] == [5]
     data, _ = example.make_synthetic()
     pyro.clear_param_store()
     vae = example.VAE("iaf", data["train"].shape[1], args)
