@@ -633,7 +633,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--made-hidden",
         default="",
         help="the IAF's and NSF's MADE hidden widths, e.g. '320' or '128,128' (default: "
-        "flowguide's, two layers of 4 x latent dim)",
+        "flowguide's, two layers of max(4 x latent dim, 32))",
     )
     p.add_argument("--objective", choices=["elbo", "dreg"], default="elbo")
     p.add_argument("--iw-train", type=int, default=8, help="samples per datum for --objective dreg")
