@@ -655,7 +655,8 @@ def test_vae_example_smoke(tmp_path):
 
 
 def test_vae_example_flow_options():
-    """--flow-layers and --made-hidden reach the flows the example builds; bad values exit."""
+    """--flow-layers, --made-hidden and --spline-bins reach the flows the example builds; bad
+    values exit."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("vae_example", ROOT / "examples" / "vae.py")
