@@ -563,6 +563,7 @@ def figures(
     relative = reference is not None and all(
         len(h["valid_elbo"]) == len(reference) for h in histories.values()
     )
+    gaps: dict[str, list[float]] = {}
     for n in names:
         h = histories[n]
         if h["curve_step"]:
@@ -571,8 +572,8 @@ def figures(
             axes[0].plot(range(1, len(h["train_loss"]) + 1), h["train_loss"], marker="o", label=n)
         epochs = range(1, len(h["valid_elbo"]) + 1)
         if relative:
-            gap = [r - v for v, r in zip(h["valid_elbo"], reference, strict=True)]
-            axes[1].plot(epochs, gap, marker="o", markersize=3, label=n)
+            gaps[n] = [r - v for v, r in zip(h["valid_elbo"], reference, strict=True)]
+            axes[1].plot(epochs, gaps[n], marker="o", markersize=3, label=n)
         else:
             axes[1].plot(epochs, [-v for v in h["valid_elbo"]], marker="o", label=n)
     axes[0].set_title("training loss per datum, mean of 50 steps\n(beta-weighted in warm-up)")
@@ -586,11 +587,7 @@ def figures(
             "held-out -ELBO minus the diagonal posterior's\n(nats, 1000 validation images)"
         )
         if len(reference) > 2:  # the first epochs' gaps dwarf the rest
-            later = [
-                r - v
-                for h in histories.values()
-                for v, r in zip(h["valid_elbo"][1:], reference[1:], strict=True)
-            ]
+            later = [g for gap in gaps.values() for g in gap[1:]]
             axes[1].set_ylim(min(later) - 0.2, max(later) + 0.2)
     else:
         axes[1].set_title("held-out -ELBO (nats), 1000 validation images")
@@ -779,17 +776,18 @@ def study(args: argparse.Namespace, ctx: DistributedContext | None) -> None:
         }
         if history.get("rank_spread"):
             results[name]["rank_parameter_spread"] = history["rank_spread"][-1]
-        if "diagonal" in per_image and name != "diagonal":
-            # paired over the same test images: the image-to-image spread cancels
-            diff = nll - per_image["diagonal"]
-            results[name]["nll_minus_diagonal"] = diff.mean().item()
-            results[name]["nll_minus_diagonal_se"] = standard_error(diff)
         test_elbo, nll_mean = -results[name]["test_neg_elbo"], results[name]["test_nll"]
         say(f"  {name}: test -ELBO {-test_elbo:.2f}, NLL {nll_mean:.2f}")
         vaes[name], histories[name] = vae, history
 
     if not main:
         return
+    # every pair of posteriors on the same test images: the image-to-image spread cancels
+    pairs = paired_differences(per_image)
+    for name in results:
+        if name != "diagonal" and f"{name} - diagonal" in pairs:
+            results[name]["nll_minus_diagonal"] = pairs[f"{name} - diagonal"]["mean"]
+            results[name]["nll_minus_diagonal_se"] = pairs[f"{name} - diagonal"]["se"]
     if args.timing_rounds > 0 and ctx is None:
         say(f"interleaved timing: {args.timing_rounds} rounds of {args.timing_steps} steps each")
         timing = interleaved_timing(list(results), data["train"], args)
@@ -800,7 +798,6 @@ def study(args: argparse.Namespace, ctx: DistributedContext | None) -> None:
                 results[name]["interleaved_ratio"] = t["wall"] / timing["diagonal"]["wall"]
                 results[name]["interleaved_cpu_ratio"] = t["cpu"] / timing["diagonal"]["cpu"]
             say(f"  {name}: {t['wall']:.1f} s/epoch ({t['cpu']:.1f} s CPU)")
-    pairs = paired_differences(per_image)
     write_table(results, args, len(data["test"]), out, pairs)
     figures(vaes, histories, data["test"], shape, out, args.seed)
     say(f"wrote {out / 'results.md'} and figures in {out}")
@@ -813,13 +810,11 @@ def standard_error(values: Tensor) -> float:
 def paired_differences(per_image: dict[str, Tensor]) -> dict[str, dict[str, float]]:
     """Mean NLL difference, row minus column, with its standard error, for every pair of
     posteriors evaluated on the same test images (the image-to-image spread cancels)."""
-    return {
-        f"{a} - {b}": {
-            "mean": (per_image[a] - per_image[b]).mean().item(),
-            "se": standard_error(per_image[a] - per_image[b]),
-        }
-        for a, b in itertools.permutations(per_image, 2)
-    }
+    pairs = {}
+    for a, b in itertools.permutations(per_image, 2):
+        diff = per_image[a] - per_image[b]
+        pairs[f"{a} - {b}"] = {"mean": diff.mean().item(), "se": standard_error(diff)}
+    return pairs
 
 
 def flow_settings(args: argparse.Namespace) -> str:
