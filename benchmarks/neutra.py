@@ -625,26 +625,24 @@ def run_target(target: Target, methods: list[str], cfg: Config, seed: int) -> li
         return go
 
     def many_chain(guide_cls: type[fg.AutoFlow]) -> Callable[[], tuple]:
-        return lambda: _many_chain(guide_cls)
+        def go() -> tuple:
+            if guide_cls not in fits:  # the same guide's NeuTra NUTS was not asked for
+                fits[guide_cls] = _fit_flow(target, guide_cls, cfg, seed)
+            guide, fit_s = fits[guide_cls]
+            accept = cfg.mc_target_accept
+            sampler = ManyChainHMC(
+                target.model,
+                guide,
+                num_chains=cfg.chains,
+                num_samples=cfg.mc_samples,
+                warmup_steps=cfg.mc_warmup,
+                progress=False,
+                **({} if accept is None else {"target_accept_prob": accept}),
+            )
+            samples, grads, divs, secs, ok = _ours(sampler, seed)
+            return samples, grads, divs, secs, fit_s, ok
 
-    def _many_chain(guide_cls: type[fg.AutoFlow]) -> tuple:
-        if guide_cls not in fits:  # the same guide's NeuTra NUTS was not asked for: fit it here
-            fits[guide_cls] = _fit_flow(target, guide_cls, cfg, seed)
-        guide, fit_s = fits[guide_cls]
-        options = {}
-        if cfg.mc_target_accept is not None:
-            options["target_accept_prob"] = cfg.mc_target_accept
-        sampler = ManyChainHMC(
-            target.model,
-            guide,
-            num_chains=cfg.chains,
-            num_samples=cfg.mc_samples,
-            warmup_steps=cfg.mc_warmup,
-            progress=False,
-            **options,
-        )
-        samples, grads, divs, secs, ok = _ours(sampler, seed)
-        return samples, grads, divs, secs, fit_s, ok
+        return go
 
     def pyro_neutra() -> tuple:
         samples, grads, divs, sample_s, fit_s = _pyro_neutra(target, cfg, seed)
