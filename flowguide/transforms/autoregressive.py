@@ -178,7 +178,7 @@ class AffineAutoregressive(_Autoregressive):
 
     def _affine(self, x: Tensor, loc: Tensor, s: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         """The elementwise map with the bounded log-scale; returns the output and the log-scale."""
-        s = s / (1 + s.abs() / self.log_scale_bound)
+        s = _bounded(s, self.log_scale_bound)
         if inverse:
             return (x - loc) * torch.exp(-s), s
         return torch.addcmul(loc, torch.exp(s), x), s
@@ -195,6 +195,11 @@ class AffineAutoregressive(_Autoregressive):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", log_scale_bound={self.log_scale_bound}"
+
+
+def _bounded(s: Tensor, bound: float) -> Tensor:
+    """The smoothly bounded log-scale :math:`s / (1 + |s| / S)`, in :math:`(-S, S)`."""
+    return s / (1 + s.abs() / bound)
 
 
 class _BoundedAffine(torch.autograd.Function):
@@ -256,7 +261,7 @@ def _bounded_affine_graph(
         x, out = x.view_as(x), out.view_as(out)
         dim = out.shape[-1] // 2
         s = out[..., dim:]
-        b = s / (1 + s.abs() / bound)
+        b = _bounded(s, bound)
         outputs, grads = [], []
         if grad_y is not None:
             outputs.append(torch.addcmul(out[..., :dim], b.exp(), x))
