@@ -35,7 +35,9 @@ round takes over a quarter of ``--cell-budget``). Then flowguide and its Pyro pe
 round-robin, in a freshly shuffled (seeded) order each round, so that load drifts hit them alike
 and none systematically runs right after another (a step right after a memory-hungry one pays
 for its aftermath: about 0.3 ms after a zuko sampling step at D = 10); zuko is timed afterwards,
-in a block of its own. The median of each implementation's timed steps is reported. Each gets
+in a block of its own. The median of each implementation's timed steps is reported, and for
+the ratio a 95% bootstrap interval (each implementation's steps resampled 2,000 times): an
+interval that straddles 1 is a tie within this run's noise. Each gets
 ``--repeats`` timed steps, fewer (never below 3) when they would exceed its share of
 ``--cell-budget`` seconds, so a slow peer does not starve the others; the table's last column
 gives the counts (flowguide/pyro[/zuko]).
@@ -127,6 +129,7 @@ class Row:
     peer_ms: float | None
     zuko_ms: float | None
     reps: str
+    ratio_ci: tuple[float, float] | None = None
 
 
 # -- construction ----------------------------------------------------------------------------
@@ -296,6 +299,21 @@ def _median_ms(impl: Impl, step: str) -> float | None:
     return None if not ts else 1e3 * statistics.median(ts)
 
 
+def ratio_interval(
+    peer: Sequence[float], ours: Sequence[float], resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """A 95% bootstrap interval of ``median(peer) / median(ours)``: each list of timed steps
+    resampled with replacement (independently: the steps were interleaved, not paired), the
+    ratio of medians computed per resample, and its 2.5% and 97.5% percentiles returned."""
+    rng = random.Random(seed)
+    ratios = sorted(
+        statistics.median(rng.choices(peer, k=len(peer)))
+        / statistics.median(rng.choices(ours, k=len(ours)))
+        for _ in range(resamples)
+    )
+    return ratios[int(0.025 * (resamples - 1))], ratios[int(0.975 * (resamples - 1))]
+
+
 # -- report ----------------------------------------------------------------------------------
 
 
@@ -307,9 +325,9 @@ def _fmt(ms: float | None, missing: str = "—") -> str:
 
 def table(rows: Sequence[Row]) -> str:
     lines = [
-        "| family | dim | step | flowguide ms | pyro ms | ratio pyro/flowguide | zuko ms "
-        "| timed steps |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| family | dim | step | flowguide ms | pyro ms | ratio pyro/flowguide | ratio 95% CI "
+        "| zuko ms | timed steps |",
+        "|---|---:|---|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         family = r.family if r.peer == "pyro" else f"{r.family} vs {r.peer}"
@@ -317,8 +335,9 @@ def table(rows: Sequence[Row]) -> str:
             peer, ratio = "n/a (no inverse)", "—"
         else:
             peer, ratio = _fmt(r.peer_ms), f"{r.peer_ms / r.ours_ms:.2f}"
+        ci = "—" if r.ratio_ci is None else f"{r.ratio_ci[0]:.2f} - {r.ratio_ci[1]:.2f}"
         lines.append(
-            f"| {family} | {r.dim} | {r.step} | {_fmt(r.ours_ms)} | {peer} | {ratio} | "
+            f"| {family} | {r.dim} | {r.step} | {_fmt(r.ours_ms)} | {peer} | {ratio} | {ci} | "
             f"{_fmt(r.zuko_ms)} | {r.reps} |"
         )
     return "\n".join(lines)
@@ -356,6 +375,8 @@ def run(args: argparse.Namespace) -> list[Row]:
                     n = [len(impls[0].times[step]), len(peer.times.get(step, []))]
                     if k == 0 and zuko is not None:
                         n.append(len(zuko.times[step]))
+                    theirs = peer.times.get(step)
+                    ci = ratio_interval(theirs, impls[0].times[step]) if theirs else None
                     rows.append(
                         Row(
                             family,
@@ -366,6 +387,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                             _median_ms(peer, step),
                             zuko_ms if k == 0 else None,
                             "/".join(map(str, n)),
+                            ci,
                         )
                     )
                 print(
