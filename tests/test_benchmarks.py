@@ -1,13 +1,18 @@
-"""Checks of the benchmark scripts' own machinery (not of any timing: no test asserts a speed)."""
+"""Checks of the benchmark scripts: their own machinery, and a smoke run of each (``--quick``, on
+the synthetic targets only, so that no test needs ``../shared``). No test asserts a speed."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import pyro
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,6 +31,17 @@ def _load(name: str) -> ModuleType:
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
     return _load("transforms")
+
+
+@pytest.fixture
+def restored() -> Iterator[None]:
+    """The scripts set torch's threads, Pyro's validation flags and param store for the whole
+    process, as a script may; put them back for the tests after."""
+    threads = torch.get_num_threads()
+    with pyro.validation_enabled():  # restores the validation flags on exit
+        yield
+    torch.set_num_threads(threads)
+    pyro.clear_param_store()
 
 
 def test_ratio_interval_covers_a_tie_and_excludes_a_clear_gap(bench: ModuleType) -> None:
@@ -47,16 +63,13 @@ def test_ratio_interval_is_seeded(bench: ModuleType) -> None:
 
 
 def test_quick_run_prints_a_table_with_intervals(
-    bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str], restored: None
 ) -> None:
-    import pyro
-
     out = tmp_path / "table.md"
-    with pyro.validation_enabled():  # restores the validation flags that main switches off
-        bench.main(
-            ["--quick", "--families", "planar", "--repeats", "3", "--batch", "64",
-             "--output", str(out)]
-        )  # fmt: skip
+    bench.main(
+        ["--quick", "--families", "planar", "--repeats", "3", "--batch", "64",
+         "--output", str(out)]
+    )  # fmt: skip
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| planar |")]
     assert len(rows) == 2  # density (Pyro has no inverse) and sampling
@@ -65,3 +78,38 @@ def test_quick_run_prints_a_table_with_intervals(
     low, high = (float(v) for v in sample[6].split(" - "))
     assert 0 < low <= float(sample[5]) <= high
     assert "ratio 95% CI" in capsys.readouterr().out
+
+
+def test_svi_quick_run(restored: None) -> None:
+    text = _load("svi").main(["--quick"])
+    rows = [
+        line.split("|")[1:-1]
+        for line in text.splitlines()
+        if "| IAF |" in line or "| NSF |" in line
+    ]
+    assert len(rows) == 6  # three models, two families
+    for row in rows:
+        ratios = [float(cell) for cell in row[6:8]]  # Pyro / flowguide, plain and jit
+        assert all(math.isfinite(r) and r > 0 for r in ratios), row
+
+
+def test_accuracy_quick_run(tmp_path: Path, restored: None) -> None:
+    methods = ["AutoIAF", "pyro AutoNormal"]
+    rows = _load("accuracy").main(
+        ["--quick", "--root", str(tmp_path / "absent"), "--only", "banana", "--methods", *methods]
+    )
+    assert [(r["target"], r["method"]) for r in rows] == [("banana-2d", m) for m in methods]
+    for row in rows:
+        assert "error" not in row, row
+        assert math.isfinite(row["mean_err"]) and 0 < row["sd_min"] <= row["sd_max"]
+
+
+def test_neutra_quick_run(tmp_path: Path, restored: None) -> None:
+    methods = ["ManyChainHMC (AutoIAF)", "pyro NeuTraReparam (AutoIAFNormal)"]
+    rows = _load("neutra").main(
+        ["--quick", "--root", str(tmp_path / "absent"), "--methods", *methods]
+    )
+    assert [(r["target"], r["method"]) for r in rows] == [("funnel-10d", m) for m in methods]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["grad_evals"] > 0 and row["min_ess"] > 0 and row["divergences"] >= 0
