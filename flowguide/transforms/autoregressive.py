@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..nn import MADE, MaskedLinear
 from .base import Flow
-from .spline import rational_quadratic_spline, spline_params, validate_spline_args
+from .spline import _spline, _spline_table, validate_spline_args
 
 __all__ = ["AffineAutoregressive", "SplineAutoregressive"]
 
@@ -320,8 +320,10 @@ class SplineAutoregressive(_Autoregressive):
         self.min_width, self.min_height, self.min_derivative = min_width, min_height, min_derivative
 
     def _elementwise(self, x: Tensor, theta: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        p = spline_params(theta, self.bound, self.min_width, self.min_height, self.min_derivative)
-        return rational_quadratic_spline(x, p, self.bound, inverse=inverse)
+        table = _spline_table(
+            theta, self.bound, self.min_width, self.min_height, self.min_derivative
+        )
+        return _spline(x, table, self.bound, inverse=inverse)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bins={self.bins}, bound={self.bound}"

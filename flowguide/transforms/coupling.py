@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..nn import MLP
 from .base import Flow
-from .spline import rational_quadratic_spline, spline_params, validate_spline_args
+from .spline import _spline, _spline_table, validate_spline_args
 
 __all__ = ["SplineCoupling"]
 
@@ -109,8 +109,10 @@ class SplineCoupling(Flow):
             h = torch.cat([xa.expand(*batch, -1), context.expand(*batch, -1)], dim=-1)
             xa, xb = xa.expand(*batch, -1), xb.expand(*batch, -1)
         theta = self.net(h).unflatten(-1, (self.dim - self.split, 3 * self.bins - 1))
-        p = spline_params(theta, self.bound, self.min_width, self.min_height, self.min_derivative)
-        yb, logd = rational_quadratic_spline(xb, p, self.bound, inverse=inverse)
+        table = _spline_table(
+            theta, self.bound, self.min_width, self.min_height, self.min_derivative
+        )
+        yb, logd = _spline(xb, table, self.bound, inverse=inverse)
         return torch.cat([xa, yb], dim=-1), logd.sum(-1)
 
     def _forward_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -35,7 +35,7 @@ Reference: Durkan, Bekasov, Murray, Papamakarios 2019, "Neural Spline Flows", ar
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -81,10 +81,40 @@ def _softmax(raw: Tensor) -> Tensor:
 
 
 def _knots(raw: Tensor, bound: float, minimum: float) -> Tensor:
+    """Knots from unnormalised bin sizes ``(..., K)``: ``(..., K + 1)`` from -B to B."""
+    # x_k = -B + 2B [m k + (1 - m K) (softmax_0 + ... + softmax_{k-1})] for k < K and x_K = B,
+    # in few kernels: a cumsum, one multiply-add with the constant term, a pad at each end
     bins = raw.shape[-1]
-    size = minimum + (1 - minimum * bins) * _softmax(raw)
-    inner = 2 * bound * torch.cumsum(size[..., :-1], dim=-1) - bound
-    return F.pad(F.pad(inner, (1, 0), value=-bound), (0, 1), value=bound)
+    shares = torch.cumsum(F.pad(_softmax(raw)[..., :-1], (1, 0)), dim=-1)
+    floor = torch.linspace(
+        -bound, bound * (2 * minimum * (bins - 1) - 1), bins, dtype=raw.dtype, device=raw.device
+    )
+    knots = torch.add(floor, shares, alpha=2 * bound * (1 - minimum * bins))
+    return F.pad(knots, (0, 1), value=bound)
+
+
+def _spline_table(
+    raw: Tensor,
+    bound: float,
+    min_width: float = 1e-3,
+    min_height: float = 1e-3,
+    min_derivative: float = 1e-3,
+) -> tuple[Tensor, Tensor]:
+    """:func:`spline_params` in the form :func:`_spline` reads: the x and y knots stacked,
+    ``(..., 2, K + 1)``, and the derivatives, ``(..., K + 1)``. The widths and heights go through
+    one softmax when their floors are equal (the default)."""
+    bins = (raw.shape[-1] + 1) // 3
+    sizes, raw_d = raw.split((2 * bins, bins - 1), dim=-1)
+    sizes = sizes.unflatten(-1, (2, bins))
+    if min_width == min_height:
+        knots = _knots(sizes, bound, min_width)
+    else:
+        widths, heights = sizes.unbind(-2)
+        knots = torch.stack(
+            [_knots(widths, bound, min_width), _knots(heights, bound, min_height)], dim=-2
+        )
+    shift = math.log(math.expm1(1.0 - min_derivative))
+    return knots, F.pad(min_derivative + F.softplus(raw_d + shift), (1, 1), value=1.0)
 
 
 def spline_params(
@@ -121,24 +151,24 @@ def spline_params(
         >>> bool(torch.allclose(p.derivative, torch.ones(6)))
         True
     """
-    bins = (raw.shape[-1] + 1) // 3
-    raw_w, raw_h, raw_d = raw.split((bins, bins, bins - 1), dim=-1)
-    shift = math.log(math.expm1(1.0 - min_derivative))
-    derivative = min_derivative + F.softplus(raw_d + shift)
-    derivative = F.pad(derivative, (1, 1), value=1.0)
-    return SplineParams(
-        _knots(raw_w, bound, min_width), _knots(raw_h, bound, min_height), derivative
-    )
+    knots, derivative = _spline_table(raw, bound, min_width, min_height, min_derivative)
+    return SplineParams(*knots.unbind(-2), derivative)
 
 
-def _gather(p: SplineParams, index: Tensor) -> tuple[Tensor, ...]:
-    """Per-element bin quantities: x_k, w_k, y_k, h_k, delta_k, delta_{k+1}."""
+def _bin_values(knots: Tensor, derivative: Tensor, index: Tensor) -> Tensor:
+    """Each element's bin ends, shape ``(..., 3, 2)``: rows x, y and derivative, columns the
+    knots ``index`` and ``index + 1`` (``knots`` and ``derivative`` as :func:`_spline_table`
+    gives them)."""
     both = torch.cat([index, index + 1], dim=-1)
-    x = p.x.gather(-1, both)
-    y = p.y.gather(-1, both)
-    d = p.derivative.gather(-1, both)
-    xk, yk = x[..., 0], y[..., 0]
-    return xk, x[..., 1] - xk, yk, y[..., 1] - yk, d[..., 0], d[..., 1]
+    xy = knots.gather(-1, both.unsqueeze(-2).expand(*both.shape[:-1], 2, 2))
+    return torch.cat([xy, derivative.gather(-1, both).unsqueeze(-2)], dim=-2)
+
+
+def _unpack(values: Tensor) -> tuple[Tensor, ...]:
+    """Per-element bin quantities from :func:`_bin_values`: x_k, w_k, y_k, h_k, delta_k,
+    delta_{k+1}."""
+    (xk, x1), (yk, y1), (dk, dk1) = (values[..., i, :].unbind(-1) for i in range(3))
+    return xk, x1 - xk, yk, y1 - yk, dk, dk1
 
 
 def rational_quadratic_spline(
@@ -177,40 +207,181 @@ def rational_quadratic_spline(
         >>> bool(torch.allclose(x, x2, atol=1e-5)), y[0].item(), logd[0].item()
         (True, -5.0, 0.0)
     """
-    shape = torch.broadcast_shapes(inputs.shape, params.x.shape[:-1])
+    x, y, derivative = torch.broadcast_tensors(*params)
+    return _spline(inputs, (torch.stack([x, y], dim=-2), derivative), bound, inverse)
+
+
+def _spline(
+    inputs: Tensor, table: tuple[Tensor, Tensor], bound: float, inverse: bool = False
+) -> tuple[Tensor, Tensor]:
+    """:func:`rational_quadratic_spline` for parameters in :func:`_spline_table`'s form."""
+    knots, derivative = table
+    shape = torch.broadcast_shapes(inputs.shape, derivative.shape[:-1])
     inputs = inputs.expand(shape)
-    p = SplineParams(*(t.expand(*shape, t.shape[-1]) for t in params))
-    inside = (inputs >= -bound) & (inputs <= bound)
+    knots = knots.expand(*shape, *knots.shape[-2:])
+    derivative = derivative.expand(*shape, derivative.shape[-1])
     z = inputs.clamp(-bound, bound)
-    edges = p.y if inverse else p.x
-    index = (z.unsqueeze(-1) >= edges[..., 1:-1]).sum(dim=-1, keepdim=True)
-    xk, wk, yk, hk, dk, dk1 = _gather(p, index)
+    edges = knots[..., 1 if inverse else 0, 1:-1]
+    index = (z.unsqueeze(-1) >= edges).sum(dim=-1, keepdim=True)
+    values = _bin_values(knots, derivative, index)
+    if not inverse:
+        if torch.is_grad_enabled() and (inputs.requires_grad or values.requires_grad):
+            return _SplineForward.apply(inputs, values, bound)  # type: ignore[no-any-return]
+        return _spline_forward(inputs, *_unpack(values), bound)[:2]
+    xk, wk, yk, hk, dk, dk1 = _unpack(values)
+    inside = (inputs >= -bound) & (inputs <= bound)
     s = hk / wk
     curve = dk1 + dk - 2 * s
-    if inverse:
-        dy = z - yk
-        a = hk * (s - dk) + dy * curve
-        b = hk * dk - dy * curve
-        c = -s * dy
-        root = (b * b - 4 * a * c).clamp_min(0.0).sqrt()
-        # the root in [0, 1] without cancellation: 2c / (-b - root) when b >= 0, and
-        # (root - b) / 2a when b < 0 (then a = h s - b > 0); the unused branch gets a safe divisor
-        pos = b >= 0
-        xi = torch.where(
-            pos,
-            2 * c / torch.where(pos, -b - root, -torch.ones_like(b)),
-            (root - b) / torch.where(pos, torch.ones_like(a), 2 * a),
-        ).clamp(0.0, 1.0)
-        out = xk + xi * wk
-    else:
-        xi = ((z - xk) / wk).clamp(0.0, 1.0)
+    dy = z - yk
+    a = hk * (s - dk) + dy * curve
+    b = hk * dk - dy * curve
+    c = -s * dy
+    root = (b * b - 4 * a * c).clamp_min(0.0).sqrt()
+    # the root in [0, 1] without cancellation: 2c / (-b - root) when b >= 0, and
+    # (root - b) / 2a when b < 0 (then a = h s - b > 0); the unused branch gets a safe divisor
+    pos = b >= 0
+    xi = torch.where(
+        pos,
+        2 * c / torch.where(pos, -b - root, -torch.ones_like(b)),
+        (root - b) / torch.where(pos, torch.ones_like(a), 2 * a),
+    ).clamp(0.0, 1.0)
+    out = xk + xi * wk
     om = xi * (1 - xi)
     denom = s + curve * om
-    if not inverse:
-        out = yk + hk * (s * xi * xi + dk * om) / denom
     logd = (
         2 * torch.log(s)
         + torch.log(dk1 * xi * xi + 2 * s * om + dk * (1 - xi) ** 2)
         - 2 * torch.log(denom)
     )
     return torch.where(inside, out, inputs), torch.where(inside, logd, torch.zeros_like(logd))
+
+
+def _spline_forward(
+    inputs: Tensor,
+    xk: Tensor,
+    wk: Tensor,
+    yk: Tensor,
+    hk: Tensor,
+    dk: Tensor,
+    dk1: Tensor,
+    bound: float,
+) -> tuple[Tensor, ...]:
+    r"""The forward spline :math:`g` and :math:`\log g'` given each element's bin (knot
+    :math:`x_k`, width, :math:`y_k`, height, the two knot derivatives), the identity outside
+    :math:`[-B, B]`; after the two outputs, the intermediates :class:`_SplineForward`'s backward
+    reuses. Every term of the numerators is non-negative, so nothing cancels."""
+    # (s + s rather than 2 * s: on the small tensors of an SVI step an operation with a Python
+    # number costs about twice one between tensors, for wrapping the number)
+    inside = (inputs >= -bound) & (inputs <= bound)
+    s = hk / wk
+    s2 = s + s
+    xi = ((inputs.clamp(-bound, bound) - xk) / wk).clamp(0.0, 1.0)
+    t = 1 - xi
+    om = xi * t
+    curve = dk1 + dk - s2
+    denom = torch.addcmul(s, curve, om)
+    num = torch.addcmul(s * xi * xi, dk, om)  # s xi^2 + d_k xi (1 - xi)
+    slope = torch.addcmul(torch.addcmul(dk1 * xi * xi, s2, om), dk * t, t)
+    out = torch.addcmul(yk, hk, num / denom)
+    ratio = torch.log(s / denom)
+    logd = ratio + ratio + torch.log(slope)  # 2 log s - 2 log D + log N
+    zero = torch.zeros((), dtype=logd.dtype, device=logd.device)
+    return (
+        torch.where(inside, out, inputs),
+        torch.where(inside, logd, zero),
+        inside,
+        s,
+        xi,
+        t,
+        om,
+        curve,
+        denom,
+        num,
+        slope,
+    )
+
+
+class _SplineForward(torch.autograd.Function):
+    r""":func:`_spline_forward` as one autograd node with its backward written out.
+
+    With :math:`\xi = (x - x_k) / w_k`, :math:`s = h_k / w_k`, :math:`c = \delta_{k+1} +
+    \delta_k - 2s`, :math:`D = s + c\,\xi(1 - \xi)`, :math:`P = s\xi^2 + \delta_k \xi(1 -
+    \xi)`, :math:`N = \delta_{k+1}\xi^2 + 2s\xi(1 - \xi) + \delta_k(1 - \xi)^2`, the outputs
+    are :math:`y = y_k + h_k P / D` and :math:`\ell = 2\log s + \log N - 2\log D`; the
+    backward applies the chain rule through these shared terms once, in about forty elementwise
+    kernels where autograd's graph of the same expression runs about twice as many (the spline's
+    cost is per-kernel overhead on the small tensors of an SVI step: ``docs/benchmarks/svi.md``).
+    Under ``create_graph=True`` it differentiates the plain expression instead, so that higher
+    derivatives are exact."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, inputs: Tensor, values: Tensor, bound: float
+    ) -> tuple[Tensor, Tensor]:
+        _, wk, _, hk, dk, dk1 = bins = _unpack(values)
+        out, logd, *kept = _spline_forward(inputs, *bins, bound)
+        ctx.save_for_backward(inputs, values, wk, hk, dk, dk1, *kept)
+        ctx.bound = bound
+        return out, logd
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_out: Tensor | None, grad_logd: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph: differentiate the plain expression
+            return _spline_forward_graph(needs, saved[:2], ctx.bound, grad_out, grad_logd)
+        _, _, wk, hk, dk, dk1, inside, s, xi, t, om, curve, denom, num, slope = saved
+        zero = torch.zeros((), dtype=s.dtype, device=s.device)
+        gy = zero if grad_out is None else torch.where(inside, grad_out, zero)
+        gl = zero if grad_logd is None else torch.where(inside, grad_logd, zero)
+        gl2 = gl + gl  # (not 2 * gl: see _spline_forward)
+        inv_d = denom.reciprocal()
+        a = gy * hk * inv_d  # the adjoint of P
+        g_denom = -torch.addcmul(gl2, a, num) * inv_d
+        g_slope = gl / slope
+        g_slope2 = g_slope + g_slope
+        g_curve = g_denom * om
+        g_om = torch.addcmul(torch.addcmul(a * dk, g_slope2, s), g_denom, curve)
+        g_s = gl2 / s + a * xi * xi + g_slope2 * om + g_denom - (g_curve + g_curve)
+        g_xi = (xi + xi) * torch.addcmul(a * s, g_slope, dk1) - g_slope2 * dk * t
+        g_xi = torch.addcmul(g_xi, g_om, t - xi)
+        inv_w = wk.reciprocal()
+        g_x = g_xi * inv_w
+        g_w = -torch.addcmul(g_x * xi, g_s * s, inv_w)  # through xi and s
+        g_h = gy * num * inv_d + g_s * inv_w  # through the output and s
+        g_dk = torch.addcmul(a * om, g_slope * t, t) + g_curve
+        g_dk1 = g_slope * xi * xi + g_curve
+        grad_inputs = None
+        if needs[0]:
+            grad_inputs = g_x if grad_out is None else torch.where(inside, g_x, grad_out)
+        grad_values = None
+        if needs[1]:  # x_k, x_{k+1}, y_k, y_{k+1}, delta_k, delta_{k+1}, as (..., 3, 2)
+            gy_full = gy.expand_as(s)
+            parts = [-g_x - g_w, g_w, gy_full - g_h, g_h, g_dk, g_dk1]
+            grad_values = torch.stack(parts, dim=-1).unflatten(-1, (3, 2))
+        return grad_inputs, grad_values, None
+
+
+def _spline_forward_graph(
+    needs: tuple[bool, ...],
+    inputs: tuple[Tensor, ...],
+    bound: float,
+    grad_out: Tensor | None,
+    grad_logd: Tensor | None,
+) -> tuple[Tensor | None, ...]:
+    """:class:`_SplineForward`'s backward as a differentiable graph (for ``create_graph``)."""
+    with torch.enable_grad():
+        args = [t.view_as(t) for t in inputs]
+        out, logd = _spline_forward(args[0], *_unpack(args[1]), bound)[:2]
+        outputs, grads = [], []
+        for value, grad in ((out, grad_out), (logd, grad_logd)):
+            if grad is not None:
+                outputs.append(value)
+                grads.append(grad)
+        wanted = [t for t, need in zip(args, needs, strict=False) if need]
+        found = iter(
+            torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True)
+        )
+    return (*(next(found) if need else None for need in needs[:2]), None)
