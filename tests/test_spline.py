@@ -165,6 +165,24 @@ def test_zero_parameters_are_the_identity(bins, bound, floors):
         torch.testing.assert_close(logd, torch.zeros_like(logd), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("floors", [(0.05, 1e-4), (1e-4, 0.05), (0.02, 0.02)], ids=str)
+def test_bin_floors_hold_for_widths_and_heights_separately(floors):
+    """Widths and heights share one softmax when their floors are equal and not otherwise;
+    either way each keeps its own floor and the knots run from -B to B exactly."""
+    min_width, min_height = floors
+    raw = 6 * torch.randn(50, 3 * 6 - 1, generator=torch.Generator().manual_seed(3), dtype=F64)
+    p = spline_params(raw, 2.0, min_width, min_height)
+    for knots, floor in ((p.x, min_width), (p.y, min_height)):
+        assert (knots[:, 0] == -2.0).all() and (knots[:, -1] == 2.0).all()
+        assert (knots.diff(dim=-1) >= 4.0 * floor * (1 - 1e-9)).all()
+        assert knots.diff(dim=-1).min() < 4.0 * floor * 1.5  # some bin sits near its floor
+    x = torch.linspace(-2.5, 2.5, 50, dtype=F64)
+    y, _ = spline(x, p, 2.0)
+    x_back, _ = spline(y, p, 2.0, inverse=True)
+    # a height at its floor of 1e-4 makes a bin nearly flat, where the inverse amplifies rounding
+    torch.testing.assert_close(x_back, x, atol=1e-6, rtol=0)
+
+
 def test_batched_parameters_broadcast_against_inputs():
     g = torch.Generator().manual_seed(0)
     p = spline_params(2 * torch.randn(3, 1, 3 * 5 - 1, generator=g, dtype=F64), 2.0)
