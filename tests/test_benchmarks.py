@@ -67,7 +67,7 @@ def test_quick_run_prints_a_table_with_intervals(
 ) -> None:
     out = tmp_path / "table.md"
     bench.main(
-        ["--quick", "--families", "planar", "--repeats", "3", "--batch", "64",
+        ["--quick", "--families", "planar", "--repeats", "5", "--batch", "64",
          "--output", str(out)]
     )  # fmt: skip
     text = out.read_text()
