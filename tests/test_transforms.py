@@ -54,6 +54,26 @@ def test_log_det_matches_autograd_jacobian(name):
         torch.testing.assert_close(ladj[i], logabsdet, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_func_transforms(name):
+    """``torch.func``'s ``jacrev``, ``vmap`` and ``grad`` run every flow and agree with plain
+    autograd (the fused autograd functions, which they do not support, step aside)."""
+    flow = build(name)
+    x, ctx = inputs(name, (4,))
+    t = bind(flow, None if ctx is None else ctx[0]).with_cache(0)
+    jac = torch.func.jacrev(t)(x[0])
+    torch.testing.assert_close(jac, jacobian(t, x[0]), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(torch.func.vmap(t)(x), t(x), atol=1e-12, rtol=0)
+
+    def loss(v):
+        y, ladj = t.forward_and_log_abs_det(v)
+        return y.square().sum() + ladj.sum()
+
+    v = x[0].clone().requires_grad_()
+    (want,) = torch.autograd.grad(loss(v), v)
+    torch.testing.assert_close(torch.func.grad(loss)(x[0]), want, atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-8), (torch.float32, 1e-4)], ids=str)
 @pytest.mark.parametrize("name", NAMES)
 def test_inverse_round_trip(name, dtype, tol):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import MADE, MaskedLinear
-from .base import Flow
+from .base import Flow, _functorch_active
 from .spline import _spline, _spline_table, validate_spline_args
 
 __all__ = ["AffineAutoregressive", "SplineAutoregressive"]
@@ -190,6 +190,9 @@ class AffineAutoregressive(_Autoregressive):
         # the MADE's parameter-major output holds the shifts and the log-scales as two halves,
         # read and differentiated by one fused function
         out = self.made.flat(x, context)
+        if _functorch_active():
+            y, s = self._affine(x, *out.chunk(2, dim=-1), inverse=False)
+            return y, s.sum(-1)
         y, ladj = _BoundedAffine.apply(x, out, self.log_scale_bound)
         return y, ladj
 

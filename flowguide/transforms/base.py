@@ -32,6 +32,13 @@ from torch.distributions import Transform, constraints
 __all__ = ["BoundFlow", "Compose", "ElementwiseAffine", "Flow", "Permute"]
 
 
+def _functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ...) is running. The
+    flows' fused autograd functions (one node with a written-out backward, for speed) serve
+    plain autograd only; under these transforms the flows run their plain expressions."""
+    return bool(torch._C._are_functorch_transforms_active())
+
+
 def _check_int(value: Any, name: str, minimum: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

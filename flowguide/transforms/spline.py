@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .base import _functorch_active
+
 __all__ = ["SplineParams", "rational_quadratic_spline", "spline_params", "validate_spline_args"]
 
 
@@ -229,7 +231,11 @@ def _spline(
     index = (z.unsqueeze(-1) >= edges).sum(dim=-1, keepdim=True)
     values = _bin_values(knots, derivative, index)
     if not inverse:
-        if torch.is_grad_enabled() and (inputs.requires_grad or values.requires_grad):
+        if (
+            torch.is_grad_enabled()
+            and (inputs.requires_grad or values.requires_grad)
+            and not _functorch_active()
+        ):
             return _SplineForward.apply(inputs, values, bound)  # type: ignore[no-any-return]
         return _spline_forward(inputs, *_unpack(values), bound)[:2]
     xk, wk, yk, hk, dk, dk1 = _unpack(values)
