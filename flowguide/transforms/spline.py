@@ -226,9 +226,10 @@ def _spline(
     inputs = inputs.expand(shape)
     knots = knots.expand(*shape, *knots.shape[-2:])
     derivative = derivative.expand(*shape, derivative.shape[-1])
-    z = inputs.clamp(-bound, bound)
+    # the interior knots lie strictly inside (-B, B), so an input beyond the bound falls in the
+    # first or last bin without being clamped first
     edges = knots[..., 1 if inverse else 0, 1:-1]
-    index = (z.unsqueeze(-1) >= edges).sum(dim=-1, keepdim=True)
+    index = (inputs.unsqueeze(-1) >= edges).sum(dim=-1, keepdim=True)
     values = _bin_values(knots, derivative, index)
     if not inverse:
         if (
@@ -241,8 +242,9 @@ def _spline(
     xk, wk, yk, hk, dk, dk1 = _unpack(values)
     inside = (inputs >= -bound) & (inputs <= bound)
     s = hk / wk
-    curve = dk1 + dk - 2 * s
-    dy = z - yk
+    s2 = s + s
+    curve = dk1 + dk - s2
+    dy = inputs.clamp(-bound, bound) - yk
     a = hk * (s - dk) + dy * curve
     b = hk * dk - dy * curve
     c = -s * dy
@@ -256,14 +258,22 @@ def _spline(
         (root - b) / torch.where(pos, torch.ones_like(a), 2 * a),
     ).clamp(0.0, 1.0)
     out = xk + xi * wk
-    om = xi * (1 - xi)
-    denom = s + curve * om
-    logd = (
-        2 * torch.log(s)
-        + torch.log(dk1 * xi * xi + 2 * s * om + dk * (1 - xi) ** 2)
-        - 2 * torch.log(denom)
-    )
+    logd = _log_derivative(s, s2, xi, 1 - xi, curve, dk, dk1)[0]
     return torch.where(inside, out, inputs), torch.where(inside, logd, torch.zeros_like(logd))
+
+
+def _log_derivative(
+    s: Tensor, s2: Tensor, xi: Tensor, t: Tensor, curve: Tensor, dk: Tensor, dk1: Tensor
+) -> tuple[Tensor, ...]:
+    r""":math:`\log g' = 2 \log s + \log N - 2 \log D` at :math:`\xi` for both directions
+    (``s2`` is :math:`2s`, ``t`` is :math:`1 - \xi`), with the terms :math:`\xi (1 - \xi)`,
+    :math:`D` and :math:`N` that the forward map and its backward reuse. Every term of
+    :math:`N` is non-negative, so nothing cancels."""
+    om = xi * t
+    denom = torch.addcmul(s, curve, om)
+    slope = torch.addcmul(torch.addcmul(dk1 * xi * xi, s2, om), dk * t, t)
+    ratio = torch.log(s / denom)
+    return ratio + ratio + torch.log(slope), om, denom, slope
 
 
 def _spline_forward(
@@ -287,14 +297,10 @@ def _spline_forward(
     s2 = s + s
     xi = ((inputs.clamp(-bound, bound) - xk) / wk).clamp(0.0, 1.0)
     t = 1 - xi
-    om = xi * t
     curve = dk1 + dk - s2
-    denom = torch.addcmul(s, curve, om)
+    logd, om, denom, slope = _log_derivative(s, s2, xi, t, curve, dk, dk1)
     num = torch.addcmul(s * xi * xi, dk, om)  # s xi^2 + d_k xi (1 - xi)
-    slope = torch.addcmul(torch.addcmul(dk1 * xi * xi, s2, om), dk * t, t)
     out = torch.addcmul(yk, hk, num / denom)
-    ratio = torch.log(s / denom)
-    logd = ratio + ratio + torch.log(slope)  # 2 log s - 2 log D + log N
     zero = torch.zeros((), dtype=logd.dtype, device=logd.device)
     return (
         torch.where(inside, out, inputs),
