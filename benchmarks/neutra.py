@@ -51,7 +51,9 @@ NUTS: counted by a hook on the kernel's potential function, every call with a gr
 and warm-up included; flowguide's samplers: ``.diagnostics()["num_grad_evals"]``, same
 convention, chains times batched calls for ``ManyChainHMC``), the minimum ESS per gradient
 evaluation, per second of sampling, and per second of fit plus sampling, the divergences after
-warm-up, the worst standardized error of the means ``max |mean - ref| / ref_sd`` and the range of
+warm-up (for ``ManyChainHMC``: the transitions that diverged on every try, then in parentheses
+those whose first trajectory diverged, most of them saved by its delayed rejection), the worst
+standardized error of the means ``max |mean - ref| / ref_sd`` and the range of
 the sd ratios ``sd / ref_sd`` (and ``sd(y) / 3`` on the funnel). With several seeds a second table
 gives the medians over seeds. A last block reads the funnel results against the NeuTra goals.
 
@@ -343,6 +345,7 @@ class Config:
     max_tree_depth: int = 10
     target_accept: float | None = None  # NeuTraMCMC's NUTS (None: its default)
     mc_target_accept: float | None = None  # ManyChainHMC's (None: its default)
+    mc_retry_factor: int | None = None  # ManyChainHMC's delayed rejection (None: its default)
 
 
 def _pyro_nuts(
@@ -383,7 +386,7 @@ def _fit_flow(
 
 def _ours(
     sampler: NeuTraMCMC | ManyChainHMC, seed: int
-) -> tuple[dict[str, Tensor], int, int, float, bool]:
+) -> tuple[dict[str, Tensor], int, int, float, bool, dict[str, int]]:
     pyro.set_rng_seed(seed)
     start = time.perf_counter()
     sampler.run()
@@ -397,6 +400,12 @@ def _ours(
         int(diag["num_divergences"]),
         seconds,
         bool(diag["preconditioner"]["ok"]),
+        {
+            "first_stage_divergences": int(diag["num_first_stage_divergences"]),
+            "retried": int(diag["num_retried"]),
+        }
+        if "num_first_stage_divergences" in diag
+        else {},
     )
 
 
@@ -586,8 +595,8 @@ def run_target(target: Target, methods: list[str], cfg: Config, seed: int) -> li
         stamp = time.strftime("%H:%M:%S")
         print(f"[{stamp}] {target.name} | {method} | seed {seed}", file=sys.stderr)
         try:
-            samples, grads, divs, sample_s, fit_s, ok = fn()
-            row.update(_metrics(target, samples))
+            samples, grads, divs, sample_s, fit_s, ok, *extra = fn()
+            row.update(_metrics(target, samples), **(extra[0] if extra else {}))
             row.update(
                 grad_evals=grads,
                 divergences=divs,
@@ -619,8 +628,8 @@ def run_target(target: Target, methods: list[str], cfg: Config, seed: int) -> li
                 max_tree_depth=cfg.max_tree_depth,
                 **({} if cfg.target_accept is None else {"target_accept_prob": cfg.target_accept}),
             )
-            samples, grads, divs, secs, ok = _ours(sampler, seed)
-            return samples, grads, divs, secs, fit_s, ok
+            samples, grads, divs, secs, ok, extra = _ours(sampler, seed)
+            return samples, grads, divs, secs, fit_s, ok, extra
 
         return go
 
@@ -629,7 +638,7 @@ def run_target(target: Target, methods: list[str], cfg: Config, seed: int) -> li
             if guide_cls not in fits:  # the same guide's NeuTra NUTS was not asked for
                 fits[guide_cls] = _fit_flow(target, guide_cls, cfg, seed)
             guide, fit_s = fits[guide_cls]
-            accept = cfg.mc_target_accept
+            accept, retry = cfg.mc_target_accept, cfg.mc_retry_factor
             sampler = ManyChainHMC(
                 target.model,
                 guide,
@@ -638,9 +647,10 @@ def run_target(target: Target, methods: list[str], cfg: Config, seed: int) -> li
                 warmup_steps=cfg.mc_warmup,
                 progress=False,
                 **({} if accept is None else {"target_accept_prob": accept}),
+                **({} if retry is None else {"retry_factor": retry}),
             )
-            samples, grads, divs, secs, ok = _ours(sampler, seed)
-            return samples, grads, divs, secs, fit_s, ok
+            samples, grads, divs, secs, ok, extra = _ours(sampler, seed)
+            return samples, grads, divs, secs, fit_s, ok, extra
 
         return go
 
@@ -714,9 +724,14 @@ def _fmt(row: dict[str, Any]) -> str:
     return (
         f"| {row['target']} | {row['method']} | {seed} | {fit} | {row['sample_s']:.0f} | "
         f"{row['grad_evals']:.0f} | {row['min_ess']:.0f} | {d['ess_per_grad']:.2e} | "
-        f"{d['ess_per_s']:.2f} | {d['ess_per_s_total']:.2f} | {row['divergences']:.0f} | "
+        f"{d['ess_per_s']:.2f} | {d['ess_per_s_total']:.2f} | {_divergences(row)} | "
         f"{row['mean_err']:.3f} | {row['sd_min']:.2f} - {row['sd_max']:.2f} | {sd_y} |"
     )
+
+
+def _divergences(row: dict[str, Any]) -> str:
+    first = row.get("first_stage_divergences")
+    return f"{row['divergences']:.0f}" + ("" if first is None else f" ({first:.0f})")
 
 
 def _medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -734,6 +749,10 @@ def _medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             med[k] = statistics.median(r[k] for r in good)
         med["sd_min"] = statistics.median(r["sd_min"] for r in good)
         med["sd_max"] = statistics.median(r["sd_max"] for r in good)
+        if "first_stage_divergences" in good[0]:
+            med["first_stage_divergences"] = statistics.median(
+                r["first_stage_divergences"] for r in good
+            )
         if "sd_y_ratio" in good[0]:
             med["sd_y_ratio"] = statistics.median(r["sd_y_ratio"] for r in good)
         for k in ("ess_per_grad", "ess_per_s", "ess_per_s_total"):
@@ -772,7 +791,12 @@ def _goals(rows: list[dict[str, Any]]) -> list[str]:
                     f"ESS/grad {ratio:.1f}x plain NUTS (goal >= 10x: {_verdict(ratio >= 10)});"
                 )
             divs = r["divergences"]
-            parts.append(f"{divs} divergences (goal 0: {_verdict(divs == 0)});")
+            first = r.get("first_stage_divergences")
+            parts.append(
+                f"{divs:.0f} divergences (goal 0: {_verdict(divs == 0)}"
+                + ("" if first is None else f"; {first:.0f} first trajectories diverged")
+                + ");"
+            )
             err = abs(r["sd_y_ratio"] - 1)
             parts.append(f"sd(y) off by {100 * err:.1f}% (goal <= 5%: {_verdict(err <= 0.05)});")
             if pyro_route is not None:
@@ -815,6 +839,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--mc-target-accept", type=float, help="ManyChainHMC's target acceptance (its default)"
     )
+    parser.add_argument(
+        "--mc-retry-factor",
+        type=int,
+        help="ManyChainHMC's retry_factor (1: no delayed rejection; default: its default)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--only", nargs="*", help="targets whose name contains one of these")
     parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
@@ -836,6 +865,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             args.max_tree_depth,
             args.target_accept,
             args.mc_target_accept,
+            args.mc_retry_factor,
         )
         only = args.only
     chosen = targets(args.root, only)
@@ -846,7 +876,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"{cfg.particles} particles; ManyChainHMC {cfg.chains} chains x ({cfg.mc_warmup} warm-up "
         f"+ {cfg.mc_samples} draws); NUTS max tree depth {cfg.max_tree_depth}; target "
         f"acceptance {cfg.target_accept or 'default'} (NeuTra NUTS), "
-        f"{cfg.mc_target_accept or 'default'} (ManyChainHMC); seeds "
+        f"{cfg.mc_target_accept or 'default'} (ManyChainHMC), ManyChainHMC retry factor "
+        f"{cfg.mc_retry_factor or 'default'}; seeds "
         f"{args.seeds}; torch {torch.__version__}, pyro {pyro.__version__}, "
         f"{torch.get_num_threads()} thread; {peer}",
         "",

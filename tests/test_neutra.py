@@ -14,6 +14,7 @@ from pyro import poutine
 from pyro.infer.mcmc.util import initialize_model
 
 import flowguide as fg
+from flowguide import neutra
 from flowguide.neutra import ManyChainHMC, NeuTraMCMC, NeuTraPotential
 
 F64 = torch.float64
@@ -307,7 +308,8 @@ def test_many_chain_recovers_the_gaussian(gauss_guide):
     diag = sampler.run().diagnostics()
     check_moments(sampler.get_samples(), diag["ess_bulk"])
     assert sampler.get_samples(group_by_chain=True)["x"].shape == (32, 60, 2)
-    assert diag["num_grad_evals"] == 32 * diag["num_grad_calls"]
+    # every call covers all 32 chains but delayed rejection's, which cover the retried ones
+    assert 0 < diag["num_grad_evals"] <= 32 * diag["num_grad_calls"]
     assert diag["preconditioner"]["ok"] and diag["r_hat"]["x"].max() < 1.05
     assert 0.5 < sampler.adaptation[-1][1] < 5  # ChEES: about a quarter period of N(0, 1)
     idata = sampler.to_inference_data(khat_samples=0)
@@ -448,3 +450,145 @@ def test_outer_handlers_do_not_see_the_sampler(gauss_guide):
     with poutine.trace() as tape:
         NeuTraMCMC(gaussian, gauss_guide, num_samples=3, warmup_steps=3, progress=False).run()
     assert not tape.trace.nodes
+
+
+# -- ManyChainHMC's delayed rejection ----------------------------------------------------------
+def funnel2():
+    """A 2-D Neal's funnel: y ~ N(0, 1.5), x ~ N(0, exp(y / 2))."""
+    y = pyro.sample("y", dist.Normal(0.0, 1.5))
+    pyro.sample("x", dist.Normal(0.0, torch.exp(y / 2)))
+
+
+def _funnel_sampler(**kwargs):
+    """Fixed HMC (no adaptation) with a step too large for the funnel's neck, on a guide at its
+    start with unit scale (the base space is the model's own, shifted)."""
+    guide = fg.AutoIAF(funnel2, num_flows=1, hidden=(4,), init_scale=1.0)
+    guide()
+    with pytest.warns(UserWarning, match="fitted"):
+        return ManyChainHMC(
+            funnel2,
+            guide,
+            num_chains=256,
+            num_samples=150,
+            warmup_steps=50,  # burn-in only: nothing adapts
+            step_size=1.2,
+            trajectory_length=2.4,
+            adapt_step_size=False,
+            adapt_trajectory_length=False,
+            progress=False,
+            **kwargs,
+        ).run()
+
+
+def _quiet_diagnostics(sampler):
+    with pytest.warns(UserWarning, match="preconditions poorly"):  # the guide is not fitted
+        return sampler.diagnostics()
+
+
+def test_delayed_rejection_keeps_the_funnel_exact():
+    """With a step size that fails below y = -1.4 (leapfrog is unstable once the step exceeds
+    twice x's sd) and retries on any energy error above 0.5, a third of the transitions ask for
+    a second proposal; the draws must still follow the funnel: y's mean, sd and tail mass
+    within 5 standard errors of the truth, the errors from the spread of the 256 independent
+    chains' own averages. Dropping the ghost's factor from the acceptance (a wrong second-stage
+    ratio) fails this test."""
+    sampler = _funnel_sampler(retry_factor=4, retry_energy_error=0.5)
+    y = sampler.get_samples(group_by_chain=True)["y"].double()  # (chains, draws)
+    stats = sampler.get_sample_stats()
+    assert stats["retried"].double().mean() > 0.1
+    diag = _quiet_diagnostics(sampler)
+    assert diag["num_retried"] == int(stats["retried"].sum()) > 0
+    assert diag["num_first_stage_divergences"] >= diag["num_divergences"]
+    norm = torch.distributions.Normal(0.0, 1.5)
+    for name, per_chain, truth in (
+        ("mean", y.mean(1), 0.0),
+        ("second moment", y.square().mean(1), 2.25),
+        ("P(y < -1.5)", (y < -1.5).double().mean(1), float(norm.cdf(torch.tensor(-1.5)))),
+    ):
+        se = float(per_chain.std() / math.sqrt(per_chain.numel()))
+        assert abs(float(per_chain.mean()) - truth) < 5 * se, (name, float(per_chain.mean()), se)
+
+
+def test_delayed_rejection_reaches_the_neck():
+    """The same sampler without retries (``retry_factor=1``) sticks in the neck, with
+    divergences and far fewer moves there; with them the chains move through it."""
+    plain = _funnel_sampler(retry_factor=1)
+    retried = _funnel_sampler(retry_factor=4, retry_energy_error=0.5)
+    assert not plain.get_sample_stats()["retried"].any()
+    plain_diag, retried_diag = _quiet_diagnostics(plain), _quiet_diagnostics(retried)
+    assert plain_diag["num_retried"] == 0
+    assert plain_diag["num_grad_evals"] == 256 * plain_diag["num_grad_calls"]
+    assert retried_diag["num_grad_evals"] < 256 * retried_diag["num_grad_calls"]
+
+    def moves_in_neck(sampler):
+        y = sampler.get_samples(group_by_chain=True)["y"]
+        neck = y[:, :-1] < -2.0
+        moved = y[:, 1:] != y[:, :-1]
+        return float((neck & moved).sum()) / max(1, int(neck.sum()))
+
+    assert moves_in_neck(retried) > 2 * moves_in_neck(plain)
+    assert retried_diag["num_divergences"] < plain_diag["num_divergences"]
+
+
+def test_delayed_rejection_arguments(gauss_guide):
+    for bad in (0, 1.5, "4"):
+        with pytest.raises(ValueError, match="retry_factor"):
+            ManyChainHMC(gaussian, gauss_guide, retry_factor=bad)
+    for bad in (0.0, -1.0, "10"):
+        with pytest.raises(ValueError, match="retry_energy_error"):
+            ManyChainHMC(gaussian, gauss_guide, retry_energy_error=bad)
+
+
+def funnel2_f64():
+    """``funnel2`` in float64."""
+    y = pyro.sample("y", dist.Normal(torch.zeros((), dtype=F64), 1.5))
+    pyro.sample("x", dist.Normal(torch.zeros((), dtype=F64), torch.exp(y / 2)))
+
+
+@pytest.mark.parametrize("threshold", [0.5, 3.0])
+def test_second_stage_satisfies_detailed_balance(threshold):
+    r"""For states :math:`s_0` whose first proposal asks for a retry, the second proposal
+    :math:`s_2` and the move back satisfy
+    :math:`\pi(s_0)(1 - \alpha_1(s_0))\,\alpha_2(s_0) = \pi(s_2)(1 - \alpha_1(s_2))\,\alpha_2(s_2)`
+    (zero on both sides when :math:`s_2`'s own first proposal would not ask for a retry), and
+    the second trajectory from :math:`s_2` comes back to :math:`s_0`. In float64, on 2,000
+    random states of the 2-D funnel with a step too large for its neck."""
+    guide = fg.AutoIAF(funnel2_f64, num_flows=1, hidden=(4,), init_scale=1.0)
+    guide()
+    randomize(guide.transform, scale=0.1)  # a flow that is not the identity
+    sampler = ManyChainHMC(funnel2_f64, guide, retry_energy_error=threshold, progress=False)
+    potential = NeuTraPotential(funnel2_f64, guide)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2000, 2, generator=gen, dtype=F64) * torch.tensor([1.5, 1.0], dtype=F64)
+    p0 = torch.randn(2000, 2, generator=gen, dtype=F64)
+    h, n, r = 1.2, 2, sampler.retry_factor
+
+    def stage1(x, p):
+        u, g = potential.potential_and_grad(x)
+        h_start = u + 0.5 * p.square().sum(-1)
+        x1, p1, u1, _ = sampler._leapfrog(potential, x, p, g, h, n)
+        delta = neutra._energy_error(h_start, u1 + 0.5 * p1.square().sum(-1), x1)
+        return g, h_start, torch.exp(-delta).clamp(max=1.0), delta > threshold
+
+    with poutine.block(), potential.frozen():
+        g0, h0, a0, asks0 = stage1(x0, p0)
+        x0, p0, g0, h0, a0 = (t[asks0] for t in (x0, p0, g0, h0, a0))
+        x2, _, g2, h2, alpha2, _ = sampler._second_stage(potential, x0, p0, g0, h0, a0, h, n)
+        _, p2, _, _ = sampler._leapfrog(potential, x0, p0, g0, h / r, n * r)
+        fine = torch.isfinite(h2)
+        x2, p2, g2, h2, x0, h0, a0, alpha2 = (
+            t[fine] for t in (x2, -p2, g2, h2, x0, h0, a0, alpha2)
+        )
+        _, h2_again, a2, asks2 = stage1(x2, p2)
+        back, _, _, _, alpha2_back, _ = sampler._second_stage(
+            potential, x2, p2, g2, h2, a2, h, n
+        )
+    # many retried states, some whose way back asks for a retry and some whose does not
+    assert x0.shape[0] > 500 and 0 < int(asks2.sum()) < asks2.numel()
+    assert torch.allclose(h2_again, h2)
+    assert (alpha2[~asks2] == 0).all()  # no way back: no way there
+    both = asks2 & (alpha2 > 0)
+    assert torch.allclose(back[both], x0[both], atol=1e-8)
+    forward = -h0 + torch.log1p(-a0) + alpha2.log()
+    backward = -h2 + torch.log1p(-a2) + alpha2_back.log()
+    assert torch.allclose(forward[both], backward[both], atol=1e-8)
