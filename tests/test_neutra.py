@@ -580,9 +580,7 @@ def test_second_stage_satisfies_detailed_balance(threshold):
             t[fine] for t in (x2, -p2, g2, h2, x0, h0, a0, alpha2)
         )
         _, h2_again, a2, asks2 = stage1(x2, p2)
-        back, _, _, _, alpha2_back, _ = sampler._second_stage(
-            potential, x2, p2, g2, h2, a2, h, n
-        )
+        back, _, _, _, alpha2_back, _ = sampler._second_stage(potential, x2, p2, g2, h2, a2, h, n)
     # many retried states, some whose way back asks for a retry and some whose does not
     assert x0.shape[0] > 500 and 0 < int(asks2.sum()) < asks2.numel()
     assert torch.allclose(h2_again, h2)
