@@ -1115,7 +1115,8 @@ class ManyChainHMC(_Results):
         retry_factor: delayed rejection's step-size divisor for the second proposal (an integer;
             1 turns delayed rejection off).
         retry_energy_error: the energy error above which a rejected proposal is retried.
-        jit_compile: trace the batched potential with ``torch.jit.trace``.
+        jit_compile: trace the batched potential with ``torch.jit.trace`` (delayed rejection's
+            smaller batches run untraced).
         save_warmup: keep the warm-up draws and statistics.
         progress: show a progress bar.
 
