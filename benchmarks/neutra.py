@@ -56,6 +56,8 @@ those whose first trajectory diverged, most of them saved by its delayed rejecti
 standardized error of the means ``max |mean - ref| / ref_sd`` and the range of
 the sd ratios ``sd / ref_sd`` (and ``sd(y) / 3`` on the funnel). With several seeds a second table
 gives the medians over seeds. A last block reads the funnel results against the NeuTra goals.
+``--jit-compile`` runs flowguide's two samplers with ``jit_compile=True`` (the potential traced
+by ``torch.jit.trace``), to measure what tracing saves.
 
 Timings are wall-clock on whatever machine runs this; nothing about them is asserted.
 
@@ -346,6 +348,7 @@ class Config:
     target_accept: float | None = None  # NeuTraMCMC's NUTS (None: its default)
     mc_target_accept: float | None = None  # ManyChainHMC's (None: its default)
     mc_retry_factor: int | None = None  # ManyChainHMC's delayed rejection (None: its default)
+    jit_compile: bool = False  # flowguide's samplers trace their potential
 
 
 def _pyro_nuts(
@@ -627,6 +630,7 @@ def run_target(target: Target, methods: list[str], cfg: Config, seed: int) -> li
                 progress=False,
                 max_tree_depth=cfg.max_tree_depth,
                 **({} if cfg.target_accept is None else {"target_accept_prob": cfg.target_accept}),
+                jit_compile=cfg.jit_compile,
             )
             samples, grads, divs, secs, ok, extra = _ours(sampler, seed)
             return samples, grads, divs, secs, fit_s, ok, extra
@@ -648,6 +652,7 @@ def run_target(target: Target, methods: list[str], cfg: Config, seed: int) -> li
                 progress=False,
                 **({} if accept is None else {"target_accept_prob": accept}),
                 **({} if retry is None else {"retry_factor": retry}),
+                jit_compile=cfg.jit_compile,
             )
             samples, grads, divs, secs, ok, extra = _ours(sampler, seed)
             return samples, grads, divs, secs, fit_s, ok, extra
@@ -844,6 +849,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         type=int,
         help="ManyChainHMC's retry_factor (1: no delayed rejection; default: its default)",
     )
+    parser.add_argument(
+        "--jit-compile",
+        action="store_true",
+        help="NeuTraMCMC and ManyChainHMC with jit_compile=True (their potential traced)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--only", nargs="*", help="targets whose name contains one of these")
     parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
@@ -866,6 +876,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             args.target_accept,
             args.mc_target_accept,
             args.mc_retry_factor,
+            jit_compile=args.jit_compile,
         )
         only = args.only
     chosen = targets(args.root, only)
@@ -877,7 +888,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"+ {cfg.mc_samples} draws); NUTS max tree depth {cfg.max_tree_depth}; target "
         f"acceptance {cfg.target_accept or 'default'} (NeuTra NUTS), "
         f"{cfg.mc_target_accept or 'default'} (ManyChainHMC), ManyChainHMC retry factor "
-        f"{cfg.mc_retry_factor or 'default'}; seeds "
+        f"{cfg.mc_retry_factor or 'default'}; jit_compile {cfg.jit_compile}; seeds "
         f"{args.seeds}; torch {torch.__version__}, pyro {pyro.__version__}, "
         f"{torch.get_num_threads()} thread; {peer}",
         "",
