@@ -49,7 +49,7 @@ Per target, method and seed it reports the minimum bulk ESS over the reference c
 (``arviz.ess(..., method="bulk")`` on the draws grouped by chain), gradient evaluations (Pyro's
 NUTS: counted by a hook on the kernel's potential function, every call with a gradient, set-up
 and warm-up included; flowguide's samplers: ``.diagnostics()["num_grad_evals"]``, same
-convention, chains times batched calls for ``ManyChainHMC``), the minimum ESS per gradient
+convention, for ``ManyChainHMC`` the chains of every batched call), the minimum ESS per gradient
 evaluation, per second of sampling, and per second of fit plus sampling, the divergences after
 warm-up (for ``ManyChainHMC``: the transitions that diverged on every try, then in parentheses
 those whose first trajectory diverged, most of them saved by its delayed rejection), the worst

@@ -326,7 +326,7 @@ class _SplineForward(torch.autograd.Function):
     are :math:`y = y_k + h_k P / D` and :math:`\ell = 2\log s + \log N - 2\log D`; the
     backward applies the chain rule through these shared terms once, as one node, where
     autograd's graph of the same expression has a node per operation. On the small tensors of an
-    SVI step the spline's cost is per-kernel overhead, and the guide's step runs 1.13x to 1.16x
+    SVI step the spline's cost is per-kernel overhead, and the guide's step runs 1.10x to 1.16x
     faster for it (``docs/benchmarks/svi.md``). Under ``create_graph=True`` it differentiates the
     plain expression instead, so that higher derivatives are exact."""
 
