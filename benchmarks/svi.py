@@ -8,6 +8,12 @@ widths, same bins and bound), it times a training step with ``num_particles`` pa
 * flowguide jit: ``flowguide.fit(..., jit=True)`` (the loss compiled with ``torch.jit.trace``
   after the first step), timed as whole fits of ``--jit-steps`` steps (default 500), the one-off
   compilation included (``--no-jit`` skips these rows);
+* flowguide compile: ``flowguide.fit(..., jit="compile")`` (the loss traced to ATen
+  operations and compiled by TorchInductor), timed inside each fit from its 20th step on through
+  ``fit``'s ``callback``: the steady step, after the one-off compilation, whose wall time is
+  reported beside it (the first compilation, then the median of the later ones, which hit
+  TorchInductor's cache; run with ``TORCHINDUCTOR_CACHE_DIR`` set to a new folder for a first
+  compilation from an empty cache; ``--no-compile`` skips these columns);
 * Pyro: ``SVI(model, guide, Adam, Trace_ELBO(num_particles, vectorize_particles=True)).step()``
   with ``AutoIAFNormal`` (IAF) or ``AutoNormalizingFlow`` with ``spline_autoregressive``.
   Pyro's default spline is the linear-rational one (``order="linear"``); its rational-quadratic
@@ -155,8 +161,47 @@ class _OurSteps:
         return (_clock() - start) / steps
 
 
+class _OurCompiledSteps:
+    """flowguide's route with ``fit(..., jit="compile")``: each block is one fit, its steps
+    timed from step ``warm`` to its end through ``fit``'s ``callback`` (the steady step, after
+    the one-off compilation); the compilations' wall times are kept, the first apart (with
+    an empty TorchInductor cache, ``TORCHINDUCTOR_CACHE_DIR`` set to a new folder, it is a
+    user's first compilation; later fits of the same graph hit the cache)."""
+
+    def __init__(
+        self, model: Callable[[], None], guide: fg.AutoFlow, particles: int, warm: int = 20
+    ) -> None:
+        self.model, self.guide, self.warm = model, guide, warm
+        self.options = {
+            "num_particles": particles,
+            "progress": False,
+            "patience": 0,
+            "lr": 1e-3,
+            "init": None,
+            "jit": "compile",
+        }
+        self.compile_seconds: list[float] = []
+        self.block(5)  # set-up, warm-up and the first compilation
+        self.first_compile = self.compile_seconds.pop()
+
+    def block(self, steps: int) -> float:
+        marks: dict[int, float] = {}
+        last = self.warm + steps - 1
+
+        def mark(step: int, _: float) -> None:
+            if step in (self.warm - 1, last):
+                marks[step] = _clock()
+
+        result = fg.fit(self.model, self.guide, num_steps=last + 1, callback=mark, **self.options)
+        self.compile_seconds.append(result.compile_seconds)
+        return (marks[last] - marks[self.warm - 1]) / steps
+
+
 def _time_runners(
-    runners: dict[str, _OurSteps | _PyroSteps], steps: int, repeats: int, rng: random.Random
+    runners: dict[str, _OurSteps | _OurCompiledSteps | _PyroSteps],
+    steps: int,
+    repeats: int,
+    rng: random.Random,
 ) -> dict[str, float]:
     """Median ms per step of each runner, their blocks interleaved in a random order per
     repeat, so that load drifts on a shared machine hit all alike."""
@@ -197,6 +242,9 @@ def main(argv: list[str] | None = None) -> str:
     )
     parser.add_argument("--no-jit", action="store_true", help="skip the fit(jit=True) rows")
     parser.add_argument(
+        "--no-compile", action="store_true", help='skip the fit(jit="compile") columns'
+    )
+    parser.add_argument(
         "--clock",
         choices=sorted(CLOCKS),
         default="wall",
@@ -217,8 +265,9 @@ def main(argv: list[str] | None = None) -> str:
 
     rows = [
         "| model | family | layers, hidden | flowguide ms/step | flowguide jit ms/step "
-        "| Pyro ms/step | Pyro / flowguide | Pyro / flowguide jit |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| flowguide compile ms/step | compile s (first, later) | Pyro ms/step | Pyro / flowguide "
+        "| Pyro / flowguide jit | Pyro / flowguide compile |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     failures: set[str] = set()
     for name, (model, dim) in MODELS.items():
@@ -253,7 +302,7 @@ def main(argv: list[str] | None = None) -> str:
                 failures.add(f"{family}: {failed}")
             pyro.clear_param_store()
             guide = ours(model)
-            runners: dict[str, _OurSteps | _PyroSteps] = {
+            runners: dict[str, _OurSteps | _OurCompiledSteps | _PyroSteps] = {
                 "ours": _OurSteps(model, guide, args.particles),
                 "pyro": _PyroSteps(model, theirs(model), args.particles),
             }
@@ -261,11 +310,24 @@ def main(argv: list[str] | None = None) -> str:
                 runners["jit"] = _OurSteps(
                     model, guide, args.particles, jit=True, jit_steps=args.jit_steps
                 )
+            compiled = None
+            if not args.no_compile:  # the same guide again, with jit="compile"
+                compiled = _OurCompiledSteps(model, guide, args.particles)
+                runners["compile"] = compiled
             t = _time_runners(runners, steps, repeats, rng)
             jit = (f"{t['jit']:.2f}", f"{t['pyro'] / t['jit']:.2f}") if "jit" in t else ("-",) * 2
+            comp = ("-",) * 3
+            if compiled is not None:
+                seconds = statistics.median(compiled.compile_seconds)
+                comp = (
+                    f"{t['compile']:.2f}",
+                    f"{compiled.first_compile:.1f}, {seconds:.1f}",
+                    f"{t['pyro'] / t['compile']:.2f}",
+                )
             rows.append(
                 f"| {name} | {family} | {layers} x {hidden} | {t['ours']:.2f} | {jit[0]} | "
-                f"{t['pyro']:.2f} | {t['pyro'] / t['ours']:.2f} | {jit[1]} |"
+                f"{comp[0]} | {comp[1]} | {t['pyro']:.2f} | {t['pyro'] / t['ours']:.2f} | "
+                f"{jit[1]} | {comp[2]} |"
             )
             print(rows[-1], flush=True)
     if failures:

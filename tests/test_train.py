@@ -785,13 +785,15 @@ def _with_model_param(x: torch.Tensor) -> None:
         pyro.sample("obs", dist.Normal(gain * loc, scale), obs=x)
 
 
+@pytest.mark.parametrize("mode", [True, "compile"])
 @pytest.mark.parametrize("particles", [1, 4])
-def test_jit_gives_the_same_fit(particles):
-    """jit=True draws the same base noise and computes the same loss: the loss histories and
-    the fitted parameters (the guide's and the model's own) match jit=False's."""
+def test_jit_gives_the_same_fit(particles, mode):
+    """jit=True ("trace") and jit="compile" draw the same base noise and compute the same loss:
+    the loss histories and the fitted parameters (the guide's and the model's own) match
+    jit=False's."""
     x = torch.linspace(-2.0, 2.0, 12)
     fits = []
-    for jit in (False, True):
+    for jit in (False, mode):
         pyro.clear_param_store()
         guide = small_guide(_with_model_param)
         result = fg.fit(
@@ -805,6 +807,7 @@ def test_jit_gives_the_same_fit(particles):
             init=None,
             jit=jit,
         )
+        assert (result.compile_seconds > 0) == bool(jit)  # the compilation is timed
         params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
         fits.append((result.losses, params))
     (losses, params), (jit_losses, jit_params) = fits
@@ -826,10 +829,11 @@ def test_jit_gives_the_same_fit(particles):
     ],
     ids=["planar", "radial", "spline", "spline-coupling"],
 )
-def test_jit_gives_the_same_losses_for_every_family(make):
+@pytest.mark.parametrize("mode", [True, "compile"])
+def test_jit_gives_the_same_losses_for_every_family(make, mode):
     x = torch.linspace(-2.0, 2.0, 12)
     runs = []
-    for jit in (False, True):
+    for jit in (False, mode):
         pyro.clear_param_store()
         guide = make(_with_model_param)
         options = {"num_steps": 20, "num_particles": 3, "progress": False, "seed": 0}
@@ -837,7 +841,8 @@ def test_jit_gives_the_same_losses_for_every_family(make):
     torch.testing.assert_close(torch.tensor(runs[1]), torch.tensor(runs[0]))
 
 
-def test_jit_refuses_what_a_trace_would_freeze():
+@pytest.mark.parametrize("mode", [True, "compile"])
+def test_jit_refuses_what_a_trace_would_freeze(mode):
     def subsampled():
         loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
         with pyro.plate("data", 10, subsample_size=3):
@@ -845,7 +850,7 @@ def test_jit_refuses_what_a_trace_would_freeze():
 
     with pytest.raises(ValueError, match=r"subsamples: plate 'data' draws 3 of 10"):
         guide = small_guide(subsampled)
-        fg.fit(subsampled, guide, num_steps=3, progress=False, init=None, jit=True)
+        fg.fit(subsampled, guide, num_steps=3, progress=False, init=None, jit=mode)
 
     def reads_a_number():
         loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
@@ -854,17 +859,76 @@ def test_jit_refuses_what_a_trace_would_freeze():
         pyro.sample("obs", dist.Normal(loc, spread), obs=torch.tensor(0.5))
 
     pyro.clear_param_store()
-    with pytest.raises(ValueError, match=r"compiled loss differs .* use jit=False"):
+    with pytest.raises(ValueError, match=r"structure depends on its values .* use jit=False"):
         fg.fit(
             reads_a_number,
             small_guide(reads_a_number),
             num_steps=3,
             progress=False,
             init=None,
-            jit=True,
+            jit=mode,
         )
     pyro.clear_param_store()
-    with pytest.raises(ValueError, match=r"jit=True .* AutoNormal .* JitTrace_ELBO"):
-        fg.fit(model, AutoNormal(model), num_steps=3, progress=False, jit=True)
-    with pytest.raises(ValueError, match=r"jit=True .* loss Trace_ELBO"):
-        fg.fit(model, small_guide(), num_steps=3, progress=False, loss=Trace_ELBO(), jit=True)
+    with pytest.raises(ValueError, match=rf"jit={mode!r} .* AutoNormal .* JitTrace_ELBO"):
+        fg.fit(model, AutoNormal(model), num_steps=3, progress=False, jit=mode)
+    with pytest.raises(ValueError, match=rf"jit={mode!r} .* loss Trace_ELBO"):
+        fg.fit(model, small_guide(), num_steps=3, progress=False, loss=Trace_ELBO(), jit=mode)
+
+
+def test_jit_argument_is_checked():
+    with pytest.raises(ValueError, match=r"jit must be False, True, 'trace' or 'compile', got 'x'"):
+        fg.fit(model, small_guide(), num_steps=3, progress=False, jit="x")
+
+
+def test_jit_compile_reports_a_compiler_failure(monkeypatch):
+    """A torch.compile that cannot build (no C++ compiler, say) is reported with what to use
+    instead, at the first compiled step, not as an error deep inside TorchInductor."""
+
+    def broken(*args, **kwargs):
+        def run(*a, **k):
+            raise OSError("no C++ compiler found\nmore detail")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(RuntimeError, match=r"torch.compile failed \(OSError: no C\+\+ .*'trace'"):
+        fg.fit(model, small_guide(), num_steps=3, progress=False, init=None, jit="compile")
+
+
+def test_jit_compile_checks_the_gradient(monkeypatch):
+    """The compiled loss's gradient is checked against the plain loss's at a test draw: a
+    compiled program that lost a parameter's gradient (here: one that reads the first parameter
+    detached, so the loss's value is right and that gradient is zero) is refused."""
+    from flowguide.train import _InductorLoss
+
+    build = _InductorLoss._compile
+
+    def losing(self, *args):
+        build(self, *args)
+        program = self.compiled
+        self.compiled = lambda eps, first, *rest: program(eps, first.detach(), *rest)
+
+    monkeypatch.setattr(_InductorLoss, "_compile", losing)
+    with pytest.raises(ValueError, match=r"gradient for parameter '\S+' differs"):
+        fg.fit(model, small_guide(), num_steps=3, progress=False, init=None, jit="compile")
+
+
+def test_callback_sees_every_step_and_can_stop_the_fit():
+    seen = []
+
+    def log(step, loss):
+        seen.append((step, loss))
+
+    result = fg.fit(model, small_guide(), num_steps=12, progress=False, init=None, callback=log)
+    assert [s for s, _ in seen] == list(range(12))
+    assert [loss for _, loss in seen] == result.losses
+    pyro.clear_param_store()
+    result = fg.fit(
+        model,
+        small_guide(),
+        num_steps=50,
+        progress=False,
+        init=None,
+        callback=lambda step, loss: step == 6,
+    )
+    assert result.stopped == "callback" and len(result.losses) == 7
