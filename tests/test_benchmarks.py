@@ -89,8 +89,13 @@ def test_svi_quick_run(restored: None) -> None:
     ]
     assert len(rows) == 6  # three models, two families
     for row in rows:
-        ratios = [float(cell) for cell in row[6:8]]  # Pyro / flowguide, plain and jit
+        ratios = [float(cell) for cell in row[8:10]]  # Pyro / flowguide, plain and jit
         assert all(math.isfinite(r) and r > 0 for r in ratios), row
+    # jit="compile" on the first model only in a smoke run: its steady step and its ratio
+    compiled = [row for row in rows if row[5].strip() != "-"]
+    assert [row[0].strip() for row in compiled] == ["banana-3d"] * 2
+    for row in compiled:
+        assert float(row[5]) > 0 and float(row[10]) > 0, row
 
 
 def test_accuracy_quick_run(tmp_path: Path, restored: None) -> None:
