@@ -100,13 +100,16 @@ def test_svi_quick_run(restored: None) -> None:
 
 def test_accuracy_quick_run(tmp_path: Path, restored: None) -> None:
     methods = ["AutoIAF", "pyro AutoNormal"]
+    root = str(tmp_path / "absent")
     rows = _load("accuracy").main(
-        ["--quick", "--root", str(tmp_path / "absent"), "--only", "banana", "--methods", *methods]
+        ["--quick", "--root", root, "--only", "banana", "--jit", "trace", "--methods", *methods]
     )
     assert [(r["target"], r["method"]) for r in rows] == [("banana-2d", m) for m in methods]
     for row in rows:
         assert "error" not in row, row
         assert math.isfinite(row["mean_err"]) and 0 < row["sd_min"] <= row["sd_max"]
+    # --jit compiles flowguide's guide only (Pyro's guides keep their own loss)
+    assert rows[0]["compile_s"] > 0 and rows[1]["compile_s"] == 0
 
 
 def test_neutra_quick_run(tmp_path: Path, restored: None) -> None:
