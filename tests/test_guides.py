@@ -260,7 +260,7 @@ def test_particles_with_plated_latents():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("jit", [False, True, "compile"])
 @pytest.mark.parametrize("kind", sorted(GUIDES))
 def test_a_model_on_cuda_gets_a_guide_on_cuda(kind, jit):
     x = torch.linspace(-1, 1, 30, dtype=torch.float64, device="cuda")
