@@ -1023,8 +1023,9 @@ def fit(
             * ``"compile"``: traced to one graph of ATen operations and compiled with
               ``torch.compile`` (TorchInductor), which fuses the forward and the backward into
               a few kernels: several times faster per step than ``"trace"`` on small models,
-              but the compilation takes seconds to tens of seconds (a C++ compiler on a CPU,
-              Triton on a GPU), so it pays on long fits.
+              but the compilation takes seconds to minutes (a C++ compiler on a CPU, Triton on
+              a GPU; longest for models with Python loops over their data, whose trace unrolls
+              them), so it pays on long fits.
 
             The model must have a static structure: no Python control flow on sampled values,
             no ``.item()``, fixed arguments, no subsampled plate (refused: its indices would be
