@@ -253,6 +253,8 @@ class _StaticLoss:
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
+            # TorchInductor's own deprecation notices (torch._inductor.lowering) are not the user's
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.")
             self._compile(loss, probe, guide, params)
             if self.check_gradients:
                 compiled, grads = _value_and_grads(
