@@ -67,7 +67,7 @@ from pyro.infer.autoguide import (
 import flowguide as fg
 from flowguide.guides import robust_init
 
-__all__ = ["METHODS", "Target", "log_scaled", "main", "run", "within"]
+__all__ = ["ENERGIES", "METHODS", "Target", "energy_moments", "log_scaled", "main", "run", "within"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,6 +133,81 @@ def _banana() -> Target:
     return Target("banana-2d", model, ref, lambda s: {k: s[k] for k in ref})
 
 
+def _w1(z: torch.Tensor) -> torch.Tensor:
+    return torch.sin(math.pi * z[..., 0] / 2)
+
+
+def _u1(z: torch.Tensor) -> torch.Tensor:
+    ring = 0.5 * ((z.norm(dim=-1) - 2) / 0.4) ** 2
+    modes = torch.stack([-0.5 * ((z[..., 0] - 2) / 0.6) ** 2, -0.5 * ((z[..., 0] + 2) / 0.6) ** 2])
+    return ring - torch.logsumexp(modes, 0)
+
+
+def _u2(z: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((z[..., 1] - _w1(z)) / 0.4) ** 2
+
+
+def _two_branches(z: torch.Tensor, shift: torch.Tensor, width: float) -> torch.Tensor:
+    gap = z[..., 1] - _w1(z)
+    branches = torch.stack([-0.5 * (gap / width) ** 2, -0.5 * ((gap + shift) / 0.35) ** 2])
+    return -torch.logsumexp(branches, 0)
+
+
+def _u3(z: torch.Tensor) -> torch.Tensor:
+    return _two_branches(z, 3 * torch.exp(-0.5 * ((z[..., 0] - 1) / 0.6) ** 2), 0.35)
+
+
+def _u4(z: torch.Tensor) -> torch.Tensor:
+    return _two_branches(z, 3 * torch.sigmoid((z[..., 0] - 1) / 0.3), 0.4)
+
+
+#: Rezende & Mohamed's (2015, Table 1) energy functions U(z) of the densities exp(-U(z)),
+#: restricted to the box [-4, 4]^2 where their figures show them (U2 to U4 do not decay in
+#: z_1, so on the whole plane they have no normalising constant)
+ENERGIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "U1": _u1,
+    "U2": _u2,
+    "U3": _u3,
+    "U4": _u4,
+}
+ENERGY_BOX = 4.0
+
+
+def energy_moments(
+    energy: Callable[[torch.Tensor], torch.Tensor], points: int = 2001
+) -> dict[str, tuple[float, float]]:
+    """The mean and sd of ``z[1]`` and ``z[2]`` under ``exp(-energy)`` on the box, by the
+    midpoint rule on a ``points x points`` grid in float64."""
+    edge = torch.linspace(-ENERGY_BOX, ENERGY_BOX, points + 1, dtype=torch.float64)
+    mid = (edge[1:] + edge[:-1]) / 2
+    z = torch.stack(torch.meshgrid(mid, mid, indexing="ij"), -1)
+    log_w = -energy(z)
+    w = (log_w - log_w.max()).exp()
+    w = w / w.sum()
+    out = {}
+    for i in range(2):
+        mean = (w * z[..., i]).sum().item()
+        var = (w * (z[..., i] - mean) ** 2).sum().item()
+        out[f"z[{i + 1}]"] = (mean, math.sqrt(var))
+    return out
+
+
+def _energy(name: str) -> Target:
+    energy = ENERGIES[name]
+    box = torch.tensor(ENERGY_BOX, dtype=torch.float64)
+
+    def model() -> None:
+        z = pyro.sample("z", dist.Uniform(-box, box).expand([2]).to_event(1))
+        pyro.factor("energy", -energy(z))
+
+    ref = energy_moments(energy)
+
+    def extract(s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"z[1]": s["z"][:, 0], "z[2]": s["z"][:, 1]}
+
+    return Target(f"{name}-2d", model, ref, extract)
+
+
 def _funnel(dim: int = 10) -> Target:
     def model() -> None:
         y = pyro.sample("y", dist.Normal(torch.tensor(0.0, dtype=torch.float64), 3.0))
@@ -153,7 +228,7 @@ def _funnel(dim: int = 10) -> Target:
 
 
 def targets(root: Path | None, only: list[str] | None, num_draws: int = 4000) -> list[Target]:
-    out = [_banana(), _funnel(10)]
+    out = [_banana(), _funnel(10), *(_energy(name) for name in ENERGIES)]
     if root is not None and root.is_dir():
         import posteriordb as pdb  # benchmarks/posteriordb.py: a script's folder is on sys.path
 

@@ -121,3 +121,36 @@ def test_neutra_quick_run(tmp_path: Path, restored: None) -> None:
     for row in rows:
         assert "error" not in row, row
         assert row["grad_evals"] > 0 and row["min_ess"] > 0 and row["divergences"] >= 0
+
+
+def test_energy_targets_have_the_right_reference_moments() -> None:
+    """Rezende & Mohamed's U1 to U4 on the box: the grid moments against closed forms where there
+    are some (U2's z1 is uniform on the box; U1 is symmetric in both coordinates) and against a
+    self-normalised importance estimate from uniform draws elsewhere."""
+    acc = _load("accuracy")
+    box = acc.ENERGY_BOX
+    u2 = acc.energy_moments(acc.ENERGIES["U2"])
+    assert abs(u2["z[1]"][0]) < 1e-9 and abs(u2["z[1]"][1] - 2 * box / math.sqrt(12)) < 1e-5
+    u1 = acc.energy_moments(acc.ENERGIES["U1"])
+    assert abs(u1["z[1]"][0]) < 1e-9 and abs(u1["z[2]"][0]) < 1e-9
+    gen = torch.Generator().manual_seed(0)
+    z = (torch.rand(400_000, 2, generator=gen, dtype=torch.float64) * 2 - 1) * box
+    for name, energy in acc.ENERGIES.items():
+        ref = acc.energy_moments(energy)
+        w = torch.softmax(-energy(z), 0)
+        for i in range(2):
+            mean = (w * z[:, i]).sum().item()
+            sd = (w * (z[:, i] - mean) ** 2).sum().sqrt().item()
+            want_mean, want_sd = ref[f"z[{i + 1}]"]
+            assert abs(mean - want_mean) < 0.02 * want_sd, (name, i, mean, want_mean)
+            assert abs(sd / want_sd - 1) < 0.02, (name, i, sd, want_sd)
+    # the model's log density is -U (up to a constant) inside the box
+    target = next(t for t in acc.targets(None, ["U3"]) if t.name == "U3-2d")
+    point = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    trace = pyro.poutine.trace(pyro.poutine.condition(target.model, {"z": point})).get_trace()
+    other = pyro.poutine.trace(
+        pyro.poutine.condition(target.model, {"z": torch.zeros(2, dtype=torch.float64)})
+    ).get_trace()
+    delta = trace.log_prob_sum() - other.log_prob_sum()
+    want = acc.ENERGIES["U3"](torch.zeros(2, dtype=torch.float64)) - acc.ENERGIES["U3"](point)
+    assert torch.allclose(delta, want)
