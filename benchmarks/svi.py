@@ -46,6 +46,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -128,6 +129,18 @@ class _PyroSteps:
         return (_clock() - start) / steps
 
 
+def _fit_options(particles: int, jit: bool | str) -> dict[str, Any]:
+    """The options of every timed ``flowguide.fit`` call (no progress bar, no early stop)."""
+    return {
+        "num_particles": particles,
+        "progress": False,
+        "patience": 0,
+        "lr": 1e-3,
+        "init": None,
+        "jit": jit,
+    }
+
+
 class _OurSteps:
     """flowguide's route: ``flowguide.fit`` for a block of steps (the loop itself, as a user
     runs it, the parameter average included; its per-call set-up is paid once per block). The
@@ -144,14 +157,7 @@ class _OurSteps:
         jit_steps: int = 500,
     ) -> None:
         self.model, self.guide, self.jit_steps = model, guide, jit_steps
-        self.options = {
-            "num_particles": particles,
-            "progress": False,
-            "patience": 0,
-            "lr": 1e-3,
-            "init": None,
-            "jit": jit,
-        }
+        self.options = _fit_options(particles, jit)
         self.block(5)  # set-up and warm-up
 
     def block(self, steps: int) -> float:
@@ -172,14 +178,7 @@ class _OurCompiledSteps:
         self, model: Callable[[], None], guide: fg.AutoFlow, particles: int, warm: int = 20
     ) -> None:
         self.model, self.guide, self.warm = model, guide, warm
-        self.options = {
-            "num_particles": particles,
-            "progress": False,
-            "patience": 0,
-            "lr": 1e-3,
-            "init": None,
-            "jit": "compile",
-        }
+        self.options = _fit_options(particles, "compile")
         self.compile_seconds: list[float] = []
         self.block(5)  # set-up, warm-up and the first compilation
         self.first_compile = self.compile_seconds.pop()
