@@ -240,8 +240,7 @@ class _StaticLoss:
         gen = torch.Generator(device=loc.device).manual_seed(0)
         probe, check = (torch.randn(self.shape, generator=gen, **self.like) for _ in range(2))
         plates: list[tuple[str, int, int]] = []
-        with torch.no_grad():
-            plain = loss(check, plates=plates)
+        plain, plain_grads = self._evaluate(lambda: loss(check, plates=plates))
         for name, size, subsample_size in plates:
             if subsample_size is not None and size is not None and subsample_size < size:
                 raise ValueError(
@@ -256,13 +255,7 @@ class _StaticLoss:
             # TorchInductor's own deprecation notices (torch._inductor.lowering) are not the user's
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.")
             self._compile(loss, probe, guide, params)
-            if self.check_gradients:
-                compiled, grads = _value_and_grads(
-                    lambda: self.compiled(check, *self.params), self.params
-                )
-            else:
-                with torch.no_grad():
-                    compiled = self.compiled(check, *self.params)
+            compiled, grads = self._evaluate(lambda: self.compiled(check, *self.params))
         if not torch.allclose(compiled, plain, rtol=1e-4, atol=1e-6):
             raise ValueError(
                 f"jit={self.mode!r}: the compiled loss differs from the model's own at a test "
@@ -270,9 +263,8 @@ class _StaticLoss:
                 "structure depends on its values (Python control flow on sampled values, "
                 ".item(), random numbers of its own), which a trace freezes; use jit=False"
             )
-        if not self.check_gradients:
+        if grads is None or plain_grads is None:
             return
-        plain_grads = _value_and_grads(lambda: loss(check), self.params)[1]
         for name, g, want in zip(params, grads, plain_grads, strict=True):
             if not torch.allclose(g, want, rtol=1e-3, atol=1e-5 * float(want.abs().max()) + 1e-8):
                 raise ValueError(
@@ -280,6 +272,16 @@ class _StaticLoss:
                     f"differs from the model's own at a test draw (largest difference "
                     f"{(g - want).abs().max().item():.3g}); use jit=False"
                 )
+
+    def _evaluate(self, loss: Callable[[], Tensor]) -> tuple[Tensor, list[Tensor] | None]:
+        """A loss's value, with its gradients when they are checked (else None). A trace is
+        checked without them: after a check with gradients, the next run of a traced IAF with
+        one particle failed in TorchScript's executor ("a view of a leaf Variable that requires
+        grad is being used in an in-place operation")."""
+        if self.check_gradients:
+            return _value_and_grads(loss, self.params)
+        with torch.no_grad():
+            return loss(), None
 
     def _compile(
         self, loss: Callable[..., Tensor], probe: Tensor, guide: AutoFlow, params: dict[str, Tensor]
