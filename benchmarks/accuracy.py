@@ -67,7 +67,17 @@ from pyro.infer.autoguide import (
 import flowguide as fg
 from flowguide.guides import robust_init
 
-__all__ = ["ENERGIES", "METHODS", "Target", "energy_moments", "log_scaled", "main", "run", "within"]
+__all__ = [
+    "ENERGIES",
+    "FLOWGUIDE_METHODS",
+    "METHODS",
+    "Target",
+    "energy_moments",
+    "log_scaled",
+    "main",
+    "run",
+    "within",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -246,11 +256,14 @@ def targets(root: Path | None, only: list[str] | None, num_draws: int = 4000) ->
 
 INIT = robust_init(pyro.infer.autoguide.init_to_median)
 
-METHODS: dict[str, Callable[[Callable], Any]] = {
-    "AutoNeuralSpline": lambda m: fg.AutoNeuralSpline(m),
-    "AutoIAF": lambda m: fg.AutoIAF(m),
-    "AutoPlanar": lambda m: fg.AutoPlanar(m),
-    "AutoRadial": lambda m: fg.AutoRadial(m),
+FLOWGUIDE_METHODS: dict[str, Callable[..., Any]] = {
+    "AutoNeuralSpline": fg.AutoNeuralSpline,
+    "AutoIAF": fg.AutoIAF,
+    "AutoPlanar": fg.AutoPlanar,
+    "AutoRadial": fg.AutoRadial,
+}
+METHODS: dict[str, Callable[..., Any]] = {
+    **FLOWGUIDE_METHODS,
     "pyro AutoNormal": lambda m: AutoNormal(m, init_loc_fn=INIT),
     "pyro AutoMultivariateNormal": lambda m: AutoMultivariateNormal(m, init_loc_fn=INIT),
     "pyro AutoIAFNormal": lambda m: AutoIAFNormal(m),
@@ -312,10 +325,13 @@ def run(
     init: str | None = "auto",
     average: int = 500,
     jit: bool | str = False,
+    init_scale: float | None = None,
 ) -> dict[str, Any]:
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    guide = METHODS[method](target.model)
+    # init_scale: flowguide's guides only (Pyro's flow guides start from a fixed N(0, 1))
+    ours = init_scale is not None and method in FLOWGUIDE_METHODS
+    guide = METHODS[method](target.model, **({"init_scale": init_scale} if ours else {}))
     loss = (
         None
         if isinstance(guide, fg.AutoFlow)
@@ -427,8 +443,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         help="flowguide.fit's jit for flowguide guides (the time per step then leaves out the "
         "one-off compilation, which the fit time includes)",
     )
+    parser.add_argument(
+        "--init-scale",
+        type=float,
+        help="the base's initial scale for flowguide guides (default: the guide's, 0.1)",
+    )
     parser.add_argument("--output", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
+    if args.init_scale is not None and not args.init_scale > 0:
+        parser.error(f"--init-scale must be > 0, got {args.init_scale}")
     jit = {"none": False, "trace": "trace", "compile": "compile"}[args.jit]
     torch.set_num_threads(1)
     steps, draws = (args.steps, args.draws) if not args.quick else (200, 500)
@@ -437,7 +460,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
     header = [
         f"steps {steps}, particles {args.particles}, draws {draws}, seed {args.seed}, "
-        f"init {args.init}, average {args.average}, jit {args.jit}, torch {torch.__version__}, "
+        f"init {args.init}, average {args.average}, jit {args.jit}, "
+        f"init_scale {args.init_scale or 'default'}, torch {torch.__version__}, "
         f"pyro {pyro.__version__}, 1 thread",
         "",
         "| target | method | start | worst mean err (sd) | sd ratio range | k-hat "
@@ -451,7 +475,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for method in args.methods:
             init = None if args.init == "guide" else args.init
             row = run(
-                target, method, steps, args.particles, args.seed, draws, init, args.average, jit
+                target,
+                method,
+                steps,
+                args.particles,
+                args.seed,
+                draws,
+                init,
+                args.average,
+                jit,
+                args.init_scale,
             )
             rows.append(row)
             lines.append(_fmt(row))

@@ -112,6 +112,32 @@ def test_accuracy_quick_run(tmp_path: Path, restored: None) -> None:
     assert rows[0]["compile_s"] > 0 and rows[1]["compile_s"] == 0
 
 
+def test_accuracy_init_scale_reaches_flowguide_guides_only(
+    monkeypatch: pytest.MonkeyPatch, restored: None
+) -> None:
+    acc = _load("accuracy")
+    made: list[tuple[str, dict[str, object]]] = []
+
+    def recorder(name: str) -> object:
+        build = acc.METHODS[name]
+
+        def make(model: object, **kwargs: object) -> object:
+            made.append((name, kwargs))
+            return build(model, **kwargs)
+
+        return make
+
+    for name in ("AutoIAF", "pyro AutoNormal"):
+        monkeypatch.setitem(acc.METHODS, name, recorder(name))
+    target = acc.targets(None, ["banana"])[0]
+    for name in ("AutoIAF", "pyro AutoNormal"):
+        row = acc.run(target, name, 5, 1, 0, 100, init=None, average=0, init_scale=0.5)
+        assert "error" not in row, row
+    assert made == [("AutoIAF", {"init_scale": 0.5}), ("pyro AutoNormal", {})]
+    with pytest.raises(SystemExit):
+        acc.main(["--quick", "--init-scale", "0"])
+
+
 def test_neutra_quick_run(tmp_path: Path, restored: None) -> None:
     methods = ["ManyChainHMC (AutoIAF)", "pyro NeuTraReparam (AutoIAFNormal)"]
     rows = _load("neutra").main(
