@@ -274,14 +274,24 @@ METHODS: dict[str, Callable[..., Any]] = {
 
 
 def _draws(guide: Any, num: int) -> dict[str, torch.Tensor]:
+    """``num`` draws of every latent site, in float64 like the references (Pyro's flow guides
+    keep float32 parameters on a float64 model, and a target's ``extract`` may combine the
+    draws with float64 data)."""
     if isinstance(guide, fg.AutoFlow):
-        return guide.sample_constrained(num)
-    with torch.no_grad():
-        samples = Predictive(guide, num_samples=num)()
-    shapes = {
-        name: site["value"].shape for name, site in guide.prototype_trace.iter_stochastic_nodes()
-    }
-    return {k: v.reshape(num, *shapes[k]) for k, v in samples.items() if k in shapes}
+        samples = guide.sample_constrained(num)
+    else:
+        with torch.no_grad():
+            drawn = Predictive(guide, num_samples=num)()
+        shapes = {
+            name: site["value"].shape
+            for name, site in guide.prototype_trace.iter_stochastic_nodes()
+        }
+        samples = {k: v.reshape(num, *shapes[k]) for k, v in drawn.items() if k in shapes}
+    return {k: _float64(v) for k, v in samples.items()}
+
+
+def _float64(v: torch.Tensor) -> torch.Tensor:
+    return v.double() if v.is_floating_point() else v
 
 
 def _errors(
@@ -312,7 +322,7 @@ def _psis(target: Target, guide: Any, num: int) -> tuple[float, dict[str, torch.
         return khat, None
     log_pi, _ = fg.diagnostics.psis_smooth(log_w)
     index = torch.multinomial(log_pi.double().exp(), num, replacement=True)
-    return khat, {name: v[index.to(v.device)] for name, v in draws.items()}
+    return khat, {name: _float64(v[index.to(v.device)]) for name, v in draws.items()}
 
 
 def run(
@@ -358,12 +368,19 @@ def run(
         row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
         row["fit_s"] = time.perf_counter() - start
         return row
-    own = _draws(guide, num_draws)
-    mean_err, sd_min, sd_max = _errors(target, own)
-    if target.log_reference:
-        row["raw"] = _errors(target, own, raw=True)
-        row["log_scale"] = sorted(target.log_reference)
-    khat, corrected = _psis(target, guide, num_draws)
+    try:
+        own = _draws(guide, num_draws)
+        mean_err, sd_min, sd_max = _errors(target, own)
+        if target.log_reference:
+            row["raw"] = _errors(target, own, raw=True)
+            row["log_scale"] = sorted(target.log_reference)
+        khat, corrected = _psis(target, guide, num_draws)
+        psis_errors = None if corrected is None else _errors(target, corrected)
+    except Exception as error:  # a row that says so, not a lost run
+        first = str(error).splitlines()[0][:70] if str(error) else ""
+        row["error"] = f"scoring the fit: {type(error).__name__}: {first}"
+        row["fit_s"] = result.seconds
+        return row
     init_s = result.init.seconds if result.init is not None else 0.0
     row.update(
         start="map" if result.init is not None else "guide",
@@ -377,9 +394,9 @@ def run(
         init_s=init_s,
         skipped=len(result.skipped_steps),
     )
-    if corrected is not None:
+    if psis_errors is not None:
         names = ("psis_mean_err", "psis_sd_min", "psis_sd_max")
-        row.update(zip(names, _errors(target, corrected), strict=True))
+        row.update(zip(names, psis_errors, strict=True))
     return row
 
 

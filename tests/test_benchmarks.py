@@ -138,6 +138,35 @@ def test_accuracy_init_scale_reaches_flowguide_guides_only(
         acc.main(["--quick", "--init-scale", "0"])
 
 
+def test_accuracy_scores_float32_draws_of_a_float64_model(restored: None) -> None:
+    """Pyro's AutoIAFNormal keeps float32 parameters on a float64 model; a target whose
+    ``extract`` multiplies the draws by float64 data (gp_pois_regr's does) must still score it,
+    and a failure in the scoring is a row saying so, not a crashed run."""
+    acc = _load("accuracy")
+    data = torch.tensor([[1.0, 0.0], [0.5, 1.0]], dtype=torch.float64)
+
+    def model() -> None:
+        loc = torch.zeros(2, dtype=torch.float64)
+        pyro.sample("x", pyro.distributions.Normal(loc, 1.0).to_event(1))
+
+    def extract(s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        y = (data @ s["x"][..., None]).squeeze(-1)
+        return {"y[1]": y[:, 0], "y[2]": y[:, 1]}
+
+    ref = {"y[1]": (0.0, 1.0), "y[2]": (0.0, math.sqrt(1.25))}
+    target = acc.Target("linear-2d", model, ref, extract)
+    row = acc.run(target, "pyro AutoIAFNormal", 5, 1, 0, 200)
+    assert "error" not in row, row
+    assert math.isfinite(row["mean_err"]) and row["sd_min"] > 0
+
+    def broken(s: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise RuntimeError("no such parameter")
+
+    failed = acc.run(acc.Target("broken-2d", model, ref, broken), "AutoIAF", 5, 1, 0, 200)
+    assert failed["error"].startswith("scoring the fit: RuntimeError: no such parameter"), failed
+    assert "failed: scoring the fit" in acc._fmt(failed)
+
+
 def test_neutra_quick_run(tmp_path: Path, restored: None) -> None:
     methods = ["ManyChainHMC (AutoIAF)", "pyro NeuTraReparam (AutoIAFNormal)"]
     rows = _load("neutra").main(
