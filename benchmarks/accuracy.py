@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -328,8 +329,8 @@ def _psis(target: Target, guide: Any, num: int) -> tuple[float, dict[str, torch.
 def run(
     target: Target,
     method: str,
-    steps: int,
-    particles: int,
+    steps: int | None,
+    particles: int | None,
     seed: int,
     num_draws: int,
     init: str | None = "auto",
@@ -345,8 +346,12 @@ def run(
     loss = (
         None
         if isinstance(guide, fg.AutoFlow)
-        else Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=2)
+        else Trace_ELBO(num_particles=particles or 1, vectorize_particles=True, max_plate_nesting=2)
     )
+    # steps / particles None: fit's own default budget, early stopping included
+    budget: dict[str, Any] = {} if steps is None else {"num_steps": steps, "patience": 0}
+    if particles is not None:
+        budget["num_particles"] = particles
     row: dict[str, Any] = {"target": target.name, "method": method}
     init = init if isinstance(guide, fg.AutoFlow) else None  # Pyro's guides: their own start
     start = time.perf_counter()
@@ -354,15 +359,13 @@ def run(
         result = fg.fit(
             target.model,
             guide,
-            num_steps=steps,
-            num_particles=particles,
             loss=loss,
             progress=False,
             seed=seed,
-            patience=0,
             init=init,
             average=average,
             jit=jit if isinstance(guide, fg.AutoFlow) else False,
+            **budget,
         )
     except Exception as error:  # report a failed fit in the table, never hide it
         row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
@@ -391,6 +394,7 @@ def run(
         ms_step=1e3 * (result.seconds - init_s - result.compile_seconds) / result.num_steps,
         compile_s=result.compile_seconds,
         fit_s=result.seconds,
+        steps=result.num_steps,
         init_s=init_s,
         skipped=len(result.skipped_steps),
     )
@@ -407,7 +411,7 @@ def within(mean_err: float, sd_min: float, sd_max: float) -> bool:
 
 def _fmt(row: dict[str, Any]) -> str:
     if "error" in row:
-        return f"| {row['target']} | {row['method']} | | failed: {row['error']} | | | | | | | |"
+        return f"| {row['target']} | {row['method']} | | failed: {row['error']} | | | | | | | | |"
     ok = within(row["mean_err"], row["sd_min"], row["sd_max"])
     if "psis_mean_err" in row:
         psis_ok = within(row["psis_mean_err"], row["psis_sd_min"], row["psis_sd_max"])
@@ -424,7 +428,7 @@ def _fmt(row: dict[str, Any]) -> str:
     return (
         f"| {row['target']} | {row['method']} | {row['start']} | {row['mean_err']:.3f} | "
         f"{row['sd_min']:.2f} - {row['sd_max']:.2f}{' ok' if ok else ''} | {row['khat']:.2f} | "
-        f"{psis} | {row['ms_step']:.1f} | {row['fit_s']:.0f} | {logs} |"
+        f"{psis} | {row['ms_step']:.1f} | {row['fit_s']:.0f} | {row['steps']} | {logs} |"
     )
 
 
@@ -465,6 +469,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         type=float,
         help="the base's initial scale for flowguide guides (default: the guide's, 0.1)",
     )
+    parser.add_argument(
+        "--fit-budget",
+        action="store_true",
+        help="give every fit flowguide.fit's own default budget (its num_steps and num_particles, "
+        "with its early stopping) instead of --steps and --particles",
+    )
     parser.add_argument("--output", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
     if args.init_scale is not None and not args.init_scale > 0:
@@ -472,19 +482,28 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     jit = {"none": False, "trace": "trace", "compile": "compile"}[args.jit]
     torch.set_num_threads(1)
     steps, draws = (args.steps, args.draws) if not args.quick else (200, 500)
+    particles: int | None = args.particles
+    budget = f"steps {steps}, particles {particles}"
+    if args.fit_budget:
+        defaults = inspect.signature(fg.fit).parameters
+        steps = particles = None
+        budget = (
+            f"fit's budget: steps {defaults['num_steps'].default} at most (patience "
+            f"{defaults['patience'].default}), particles {defaults['num_particles'].default}"
+        )
     chosen = targets(
         args.root, args.only or (["banana", "eight_schools_c"] if args.quick else None), draws
     )
     header = [
-        f"steps {steps}, particles {args.particles}, draws {draws}, seed {args.seed}, "
+        f"{budget}, draws {draws}, seed {args.seed}, "
         f"init {args.init}, average {args.average}, jit {args.jit}, "
         f"init_scale {args.init_scale or 'default'}, torch {torch.__version__}, "
         f"pyro {pyro.__version__}, 1 thread",
         "",
         "| target | method | start | worst mean err (sd) | sd ratio range | k-hat "
         "| PSIS-corrected worst mean err (sd) | PSIS-corrected sd ratio range | ms/step | fit s "
-        "| on the log scale |",
-        "| --- | --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: | --- |",
+        "| steps | on the log scale |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | --- |",
     ]
     print("\n".join(header), flush=True)
     rows, lines = [], []
@@ -495,7 +514,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 target,
                 method,
                 steps,
-                args.particles,
+                particles,
                 args.seed,
                 draws,
                 init,

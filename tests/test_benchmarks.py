@@ -3,6 +3,7 @@ the synthetic targets only, so that no test needs ``../shared``). No test assert
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import sys
@@ -165,6 +166,32 @@ def test_accuracy_scores_float32_draws_of_a_float64_model(restored: None) -> Non
     failed = acc.run(acc.Target("broken-2d", model, ref, broken), "AutoIAF", 5, 1, 0, 200)
     assert failed["error"].startswith("scoring the fit: RuntimeError: no such parameter"), failed
     assert "failed: scoring the fit" in acc._fmt(failed)
+
+
+def test_accuracy_fit_budget_leaves_the_budget_to_fit(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    restored: None,
+) -> None:
+    acc = _load("accuracy")
+    quick = ["--quick", "--root", str(tmp_path / "absent"), "--only", "banana"]
+    fit = acc.fg.fit
+    calls: list[dict[str, object]] = []
+
+    @functools.wraps(fit)  # the script reads fit's defaults from its signature
+    def recording_fit(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs)
+        return fit(*args, **{**kwargs, "num_steps": 5})  # a short fit for the test
+
+    monkeypatch.setattr(acc.fg, "fit", recording_fit)
+    rows = acc.main([*quick, "--fit-budget", "--methods", "AutoIAF"])
+    assert "error" not in rows[0], rows[0]
+    assert not {"num_steps", "num_particles", "patience"} & set(calls[0]), calls[0]
+    assert rows[0]["steps"] == 5
+    assert "fit's budget: steps 5000 at most (patience 3), particles 1" in capsys.readouterr().out
+    acc.main([*quick, "--methods", "AutoIAF"])
+    assert calls[1]["num_steps"] == 200 and calls[1]["patience"] == 0, calls[1]
 
 
 def test_neutra_quick_run(tmp_path: Path, restored: None) -> None:
