@@ -489,7 +489,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         steps = particles = None
         budget = (
             f"fit's budget: steps {defaults['num_steps'].default} at most (patience "
-            f"{defaults['patience'].default}), particles {defaults['num_particles'].default}"
+            f"{defaults['patience'].default}), particles fit's default "
+            f"({fg.train.DEFAULT_FLOW_PARTICLES} for flowguide's guides, 1 for Pyro's)"
         )
     chosen = targets(
         args.root, args.only or (["banana", "eight_schools_c"] if args.quick else None), draws

@@ -45,6 +45,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import biject_to
 
+from .diagnostics import VectorizationWarning
 from .guides import AutoFlow, constrain_latent, robust_init
 
 __all__ = [
@@ -67,6 +68,8 @@ AUTO_MAP_MAX_DIM = 1000
 AUTO_MAP_PARTICLES = 256
 #: ``fit(init="auto")``'s MAP searches from prior draws after the one from the guide's start
 AUTO_MAP_RESTARTS = 4
+#: ``fit``'s particles per step for flowguide's own ELBO (one vectorised model call for all)
+DEFAULT_FLOW_PARTICLES = 4
 
 
 class NoModeError(ValueError):
@@ -105,6 +108,8 @@ class FitResult:
             posterior has no proper mode, the Laplace start's ELBO is the lower, the latent
             dimension is too large), else None.
         compile_seconds: wall time spent compiling the loss (``jit``), checks included.
+        num_particles: the particles per step of the default loss (1 where ``fit`` fell back
+            from its default because the model could not take them at once).
 
     Example:
         >>> result = FitResult(losses=[float(k) for k in range(20, 0, -1)], num_steps=20)
@@ -122,6 +127,7 @@ class FitResult:
     init: MapInit | None = None
     init_skipped: str | None = None
     compile_seconds: float = 0.0
+    num_particles: int = 1
 
     @property
     def final_loss(self) -> float:
@@ -918,7 +924,7 @@ def fit(
     lr_decay: float = 0.1,
     optim: Callable[..., torch.optim.Optimizer] | None = None,
     loss: ELBO | None = None,
-    num_particles: int = 1,
+    num_particles: int | None = None,
     patience: int = 3,
     window: int = 200,
     min_steps: int = 500,
@@ -981,7 +987,15 @@ def fit(
         optim: a torch optimiser class or factory ``params -> Optimizer`` (default Adam).
         loss: a Pyro ELBO (``Trace_ELBO()``, ``RenyiELBO()``, ...); default: the direct flow
             ELBO for an :class:`AutoFlow` (:func:`flow_elbo_loss`), ``Trace_ELBO`` otherwise.
-        num_particles: particles for the default loss (a Pyro ELBO has its own).
+        num_particles: particles for the default loss (a Pyro ELBO passed as ``loss`` has its
+            own); default ``DEFAULT_FLOW_PARTICLES`` (4) for an :class:`AutoFlow`, whose ELBO
+            evaluates them in one vectorised model call, and 1 for another guide, whose
+            ``Trace_ELBO`` runs the model once per particle. One particle makes the gradient
+            noisy enough that the early stopping ends the fit before the posterior's moments
+            settle (see the accuracy benchmark in the docs). Where the default's particles
+            cannot share one model call (data outside any ``pyro.plate``), ``fit`` warns
+            (:class:`~flowguide.diagnostics.VectorizationWarning`) and fits with one;
+            ``result.num_particles`` says which.
         patience, window, min_steps: early stopping: after ``min_steps``, stop when the mean
             loss of ``patience`` successive windows of ``window`` steps each improved by less
             than half its standard error. ``patience=0`` disables it.
@@ -1054,6 +1068,11 @@ def fit(
         >>> result.stopped, len(result.losses)
         ('budget', 300)
     """
+    defaulted = num_particles is None
+    if num_particles is None:
+        num_particles = (
+            DEFAULT_FLOW_PARTICLES if loss is None and isinstance(guide, AutoFlow) else 1
+        )
     for name, value, low in (
         ("num_steps", num_steps, 1),
         ("num_particles", num_particles, 1),
@@ -1127,7 +1146,7 @@ def fit(
             registered[0] = True
             return loss
     else:
-        elbo = loss if loss is not None else pyro.infer.Trace_ELBO()
+        elbo = loss if loss is not None else pyro.infer.Trace_ELBO(num_particles=num_particles)
 
         def run() -> Tensor:
             return elbo.differentiable_loss(model, guide, *args, **kwargs)
@@ -1138,12 +1157,28 @@ def fit(
     # that a resumed run redoes the interrupted step with the draws of an uninterrupted one
     step_rng = torch.get_rng_state() if path is not None else None
     first: Tensor | None
-    first, params = _params(run)
+    try:
+        first, params = _params(run)
+    except (RuntimeError, ValueError) as error:
+        if not (defaulted and num_particles > 1):
+            raise
+        # a model not written for a batch of draws (data outside any pyro.plate): the default's
+        # particles cannot share one model call, so fit with one, and say so
+        warnings.warn(
+            VectorizationWarning(
+                f"fit: the model could not be evaluated for {num_particles} particles at once "
+                f"({_first_line(error)}); fitting with num_particles=1. Put the model's batch "
+                "dimensions in pyro.plate to fit with the default, or pass num_particles=1"
+            ),
+            stacklevel=2,
+        )
+        num_particles = 1
+        first, params = _params(run)
     params = _unique(params)
     _check_own_parameters(guide, params)
     optimizer = (optim or default_optimizer)(list(params.values()), lr=lr)
     gamma = lr_decay ** (1.0 / num_steps)
-    result = FitResult(init=found, init_skipped=skipped)
+    result = FitResult(init=found, init_skipped=skipped, num_particles=num_particles)
     step = 0
     averaged = _ParameterAverage(average) if average else None
     # init="map": the location's updates are scaled by the Laplace sds (see the docstring)

@@ -400,6 +400,7 @@ def test_averaging_steadies_the_fitted_mean():
             normal_model,
             guide,
             num_steps=1500,
+            num_particles=1,  # the noisiest gradient, where the average matters most
             lr=0.05,
             lr_decay=1.0,
             patience=0,
@@ -511,7 +512,9 @@ def test_map_init_and_fit_with_constrained_sites():
         pyro.sample("obs", dist.Exponential(rate), obs=torch.tensor([0.7, 1.3]))
 
     guide = fg.AutoNeuralSpline(with_rate, hidden=(8,))
-    result = fg.fit(with_rate, guide, num_steps=30, progress=False, seed=0, init="map")
+    result = fg.fit(
+        with_rate, guide, num_steps=30, num_particles=1, progress=False, seed=0, init="map"
+    )
     # u = log rate: log p + log |J| = 2 u - 2 e^u + u, mode e^u = 3 / 2, curvature 2 e^u = 3
     assert result.init is not None
     assert abs(result.init.loc[0].item() - math.log(1.5)) < 1e-4
@@ -550,6 +553,10 @@ def test_map_init_errors_are_named():
             theta = pyro.sample("theta", dist.Normal(0.0, tau))
             pyro.sample("y", dist.Normal(theta, 10.0), obs=torch.zeros(8))
 
+    # the search's start (init_to_median's draws) is random: from some starts it runs so far down
+    # the neck that the Hessian overflows first (FloatingPointError, which fit's init="auto"
+    # also takes as "no MAP start"); this seed gives the test one start, whatever ran before
+    pyro.set_rng_seed(1)
     guide = small_guide(funnel)
     guide(), pyro.clear_param_store()
     before = guide.affine.loc.detach().clone()
@@ -942,3 +949,42 @@ def test_callback_sees_every_step_and_can_stop_the_fit():
         callback=lambda step, loss: step == 6,
     )
     assert result.stopped == "callback" and len(result.losses) == 7
+
+
+def test_default_particles_and_the_fallback_for_a_model_without_plates():
+    """fit's default: DEFAULT_FLOW_PARTICLES draws per step for a flowguide guide (one vectorised
+    model call), one for Pyro's guides; a model whose data sit outside any plate cannot take a
+    batch of draws, so the default falls back to one particle with a warning, while an explicit
+    num_particles is taken at its word."""
+    from flowguide.diagnostics import VectorizationWarning
+    from flowguide.train import DEFAULT_FLOW_PARTICLES
+
+    assert DEFAULT_FLOW_PARTICLES == 4
+    shapes = []
+
+    def plated():
+        loc = pyro.sample("loc", dist.Normal(0.0, 5.0))
+        shapes.append(tuple(loc.shape))
+        with pyro.plate("data", 3):
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=torch.tensor([0.5, 1.0, 1.5]))
+
+    result = fg.fit(plated, small_guide(plated), num_steps=3, progress=False, init=None)
+    assert result.num_particles == 4 and shapes[-1] == (4, 1), shapes[-1]
+    pyro.clear_param_store()
+    result = fg.fit(plated, AutoNormal(plated), num_steps=3, progress=False)
+    assert result.num_particles == 1
+
+    def unplated():
+        loc = pyro.sample("loc", dist.Normal(0.0, 5.0))
+        pyro.sample("obs", dist.Normal(loc, 1.0), obs=torch.tensor([0.5, 1.0, 1.5]))
+
+    pyro.clear_param_store()
+    with pytest.warns(VectorizationWarning, match="fitting with num_particles=1"):
+        result = fg.fit(unplated, small_guide(unplated), num_steps=3, progress=False, init=None)
+    assert result.num_particles == 1 and len(result.losses) == 3
+    assert all(math.isfinite(v) for v in result.losses)
+    pyro.clear_param_store()
+    with pytest.raises(ValueError):  # asked for: no silent fallback
+        fg.fit(
+            unplated, small_guide(unplated), num_steps=3, num_particles=4, progress=False, init=None
+        )
