@@ -973,6 +973,15 @@ def test_default_particles_and_the_fallback_for_a_model_without_plates():
     pyro.clear_param_store()
     result = fg.fit(plated, AutoNormal(plated), num_steps=3, progress=False)
     assert result.num_particles == 1
+    calls = {}
+    for k in (1, 3):  # a Pyro guide's default Trace_ELBO runs the model once per particle
+        pyro.clear_param_store()
+        guide = AutoNormal(plated)
+        guide()
+        before = len(shapes)
+        fg.fit(plated, guide, num_steps=2, num_particles=k, progress=False)
+        calls[k] = len(shapes) - before
+    assert calls[3] - calls[1] == 2 * (3 - 1), calls
 
     def unplated():
         loc = pyro.sample("loc", dist.Normal(0.0, 5.0))
