@@ -368,9 +368,7 @@ def run(
             **budget,
         )
     except Exception as error:  # report a failed fit in the table, never hide it
-        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
-        row["fit_s"] = time.perf_counter() - start
-        return row
+        return {**row, "error": _failure(error), "fit_s": time.perf_counter() - start}
     try:
         own = _draws(guide, num_draws)
         mean_err, sd_min, sd_max = _errors(target, own)
@@ -380,10 +378,7 @@ def run(
         khat, corrected = _psis(target, guide, num_draws)
         psis_errors = None if corrected is None else _errors(target, corrected)
     except Exception as error:  # a row that says so, not a lost run
-        first = str(error).splitlines()[0][:70] if str(error) else ""
-        row["error"] = f"scoring the fit: {type(error).__name__}: {first}"
-        row["fit_s"] = result.seconds
-        return row
+        return {**row, "error": f"scoring the fit: {_failure(error)}", "fit_s": result.seconds}
     init_s = result.init.seconds if result.init is not None else 0.0
     row.update(
         start="map" if result.init is not None else "guide",
@@ -402,6 +397,12 @@ def run(
         names = ("psis_mean_err", "psis_sd_min", "psis_sd_max")
         row.update(zip(names, psis_errors, strict=True))
     return row
+
+
+def _failure(error: Exception) -> str:
+    """An exception's type and the start of its message's first line, for a table cell."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:80] if lines else ''}"
 
 
 def within(mean_err: float, sd_min: float, sd_max: float) -> bool:

@@ -1069,7 +1069,7 @@ def fit(
         ('budget', 300)
     """
     defaulted = num_particles is None
-    if num_particles is None:
+    if defaulted:
         num_particles = (
             DEFAULT_FLOW_PARTICLES if loss is None and isinstance(guide, AutoFlow) else 1
         )
