@@ -490,7 +490,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         steps = particles = None
         budget = (
             f"fit's budget: steps {defaults['num_steps'].default} at most (patience "
-            f"{defaults['patience'].default}), particles fit's default "
+            f"{defaults['patience'].default}), lr {defaults['lr'].default} decaying to "
+            f"x{defaults['lr_decay'].default}, particles fit's default "
             f"({fg.train.DEFAULT_FLOW_PARTICLES} for flowguide's guides, 1 for Pyro's)"
         )
     chosen = targets(

@@ -74,6 +74,7 @@ __all__ = [
     "default_hidden",
     "plate_nesting",
     "robust_init",
+    "unbatched_sites",
 ]
 
 FlowFactory = Callable[[int], Flow]
@@ -229,6 +230,40 @@ def plate_nesting(trace: poutine.Trace, ignore: tuple[str, ...] = ()) -> int:
     )
 
 
+def unbatched_sites(trace: poutine.Trace, nesting: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The sample sites of ``trace`` (observed ones included) with a batch dim of size > 1 left
+    of the model's ``nesting`` plate dims, with their batch shapes.
+
+    Such a dim belongs to no ``pyro.plate``, and it sits where a batch of draws goes (dim
+    ``-nesting - 1``): with as many draws as it has entries the two would be silently paired,
+    each draw scored against one slice of the data, and with another number the shapes clash.
+    A model with such a site takes one draw per model call.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> def model():
+        ...     loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        ...     pyro.sample("y", dist.Normal(loc, 1.0), obs=torch.zeros(3))  # in no plate
+        >>> unbatched_sites(poutine.trace(model).get_trace(), 0)
+        [('y', (3,))]
+    """
+    out = []
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        fn, value = site["fn"], site["value"]
+        shape = tuple(getattr(fn, "batch_shape", ()))
+        if isinstance(value, Tensor):  # a value may carry batch dims its distribution lacks
+            events = len(getattr(fn, "event_shape", ()))
+            try:
+                shape = tuple(torch.broadcast_shapes(shape, value.shape[: value.dim() - events]))
+            except RuntimeError:  # the site's log-density fails, and its error names it
+                pass
+        if any(size > 1 for size in shape[: max(len(shape) - nesting, 0)]):
+            out.append((name, shape))
+    return out
+
+
 def _feasible(site: dict) -> Tensor:
     """The point that unconstrained zeros map to, found without sampling the site (Pyro's
     ``init_to_feasible`` samples once for the shape, which ``ImproperUniform`` cannot do)."""
@@ -346,6 +381,8 @@ class AutoFlow(AutoContinuous):
         # the deepest plate over all sample sites (the prototype trace hides observed sites);
         # vectorised particles go in a plate to its left
         self.max_plate_nesting = plate_nesting(probe)
+        # sites that cannot take a batch of draws (checked where draws are batched)
+        self._unbatched = unbatched_sites(probe, self.max_plate_nesting)
         loc = self._init_loc().detach()
         flow = self._make_flow(self.latent_dim)
         if not isinstance(flow, Flow):

@@ -69,7 +69,7 @@ AUTO_MAP_PARTICLES = 256
 #: ``fit(init="auto")``'s MAP searches from prior draws after the one from the guide's start
 AUTO_MAP_RESTARTS = 4
 #: ``fit``'s particles per step for flowguide's own ELBO (one vectorised model call for all)
-DEFAULT_FLOW_PARTICLES = 4
+DEFAULT_FLOW_PARTICLES = 16
 
 
 class NoModeError(ValueError):
@@ -206,10 +206,74 @@ def _negative_elbo(
     :math:`\log q`; ``plates`` collects the model's plates as ``(name, size, subsample size)``."""
     particles = z.shape[0] if z.dim() == 2 else 1
     nesting = guide.max_plate_nesting
+    _refuse_unbatched(guide, particles)
     values, _, log_jac = constrain_latent(guide, z, nesting)
     with _LogJoint(values, particles, nesting, plates) as joint:
         model(*args, **kwargs)
     return -(joint.total() + (log_jac - log_q).sum()) / particles
+
+
+def _refuse_unbatched(guide: AutoFlow, particles: int) -> None:
+    """A ``ValueError`` naming a site with batch dims in no plate, where ``particles > 1`` draws
+    would go (:func:`~flowguide.guides.unbatched_sites`)."""
+    unbatched = getattr(guide, "_unbatched", ())
+    if particles > 1 and unbatched:
+        name, shape = unbatched[0]
+        raise ValueError(
+            f"site {name!r} has batch shape {shape}, with dims left of the model's "
+            f"{guide.max_plate_nesting} plate dim(s) that no pyro.plate declares, where the "
+            f"{particles} particles go: put those dims in a pyro.plate (or to_event) to "
+            "evaluate several particles at once, or use num_particles=1"
+        )
+
+
+def _check_batched(
+    model: Callable[..., Any],
+    guide: AutoFlow,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    k: int = 3,
+) -> None:
+    """Raise ``ValueError`` unless the model's log joint at ``k`` draws, evaluated in one model
+    call on a batch dim left of its plates, equals the ``k`` values of one draw at a time.
+
+    A model valid for one draw can be wrong for a batch with no error: a sum over all dims (a
+    ``pyro.factor`` of ``(z ** 2).sum()``) adds the draws together, Python control flow on a
+    latent value takes one branch for all, data in no plate pair up with the draws. The draws
+    come from a private generator and each model call gets the same seeded random state (the
+    same subsample of a subsampled plate), restored after, so the check leaves the fit's own
+    random stream alone.
+    """
+    if guide.prototype_trace is None:
+        guide._setup_prototype(*args, **kwargs)
+    _refuse_unbatched(guide, k)
+    loc = guide.affine.loc
+    gen = torch.Generator().manual_seed(0)
+    eps = 0.5 * torch.randn(k, guide.latent_dim, generator=gen, dtype=torch.float64).to(loc)
+    nesting = guide.max_plate_nesting
+    devices = [loc.device] if loc.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), poutine.block():
+        z = guide._push(eps)[0]
+
+        def log_joint(values: dict[str, Tensor], particles: int, nesting: int) -> Tensor:
+            torch.manual_seed(0)
+            with _LogJoint(values, particles, nesting, per_particle=particles > 1) as joint:
+                model(*args, **kwargs)
+            return joint.total()
+
+        batched = log_joint(constrain_latent(guide, z, nesting)[0], k, nesting).reshape(-1)
+        single = torch.stack([log_joint(constrain_latent(guide, z[i])[0], 1, 0) for i in range(k)])
+    tol = 1e-4 if loc.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
+    scale = 1.0 + float(single.abs().nan_to_num(posinf=0.0, neginf=0.0).max())
+    if batched.shape != single.shape or not torch.allclose(
+        batched, single, rtol=tol, atol=tol * scale, equal_nan=True
+    ):
+        raise ValueError(
+            f"the model's log density at {k} draws evaluated in one model call is "
+            f"{batched.tolist()}, one draw at a time {single.tolist()}: the model does not "
+            "broadcast over a batch of draws left of its plates (a sum over all dims, Python "
+            "control flow on a latent value, data in no pyro.plate)"
+        )
 
 
 class _StaticLoss:
@@ -988,11 +1052,14 @@ def fit(
         loss: a Pyro ELBO (``Trace_ELBO()``, ``RenyiELBO()``, ...); default: the direct flow
             ELBO for an :class:`AutoFlow` (:func:`flow_elbo_loss`), ``Trace_ELBO`` otherwise.
         num_particles: particles for the default loss (a Pyro ELBO passed as ``loss`` has its
-            own); default ``DEFAULT_FLOW_PARTICLES`` (4) for an :class:`AutoFlow`, whose ELBO
+            own); default ``DEFAULT_FLOW_PARTICLES`` (16) for an :class:`AutoFlow`, whose ELBO
             evaluates them in one vectorised model call, and 1 for another guide, whose
-            ``Trace_ELBO`` runs the model once per particle. One particle makes the gradient
-            noisy enough that the early stopping ends the fit before the posterior's moments
-            settle (see the accuracy benchmark in the docs). Where the default's particles
+            ``Trace_ELBO`` runs the model once per particle. With fewer the gradient's noise
+            hides the slow growth of a posterior's tails from the early stopping, and the fit
+            ends with the sds short (see the accuracy benchmark in the docs). On a small model
+            they cost little, sharing one model call; where the likelihood's arithmetic
+            dominates a step (much data, no subsampling) a step's cost grows with them, and
+            fewer may pay. Where the default's particles
             cannot share one model call (data outside any ``pyro.plate``), ``fit`` warns
             (:class:`~flowguide.diagnostics.VectorizationWarning`) and fits with one;
             ``result.num_particles`` says which.
@@ -1134,6 +1201,8 @@ def fit(
                     traced.append(compiler(model, guide, args, kwargs, num_particles, params))
                     result.compile_seconds = time.perf_counter() - began
                 return traced[0]()
+            if not registered[0] and num_particles > 1:  # a batch of draws must score right
+                _check_batched(model, guide, args, kwargs)
             # the guide's parameters are registered (and found) once; the optimiser holds them
             loss = flow_elbo_loss(
                 model,

@@ -189,7 +189,10 @@ def test_accuracy_fit_budget_leaves_the_budget_to_fit(
     assert "error" not in rows[0], rows[0]
     assert not {"num_steps", "num_particles", "patience"} & set(calls[0]), calls[0]
     assert rows[0]["steps"] == 5
-    header = "fit's budget: steps 5000 at most (patience 3), particles fit's default (4 for"
+    header = (
+        "fit's budget: steps 5000 at most (patience 3), lr 0.01 decaying to x0.1, particles "
+        "fit's default (16 for"
+    )
     assert header in capsys.readouterr().out
     acc.main([*quick, "--methods", "AutoIAF"])
     assert calls[1]["num_steps"] == 200 and calls[1]["patience"] == 0, calls[1]
@@ -204,6 +207,32 @@ def test_neutra_quick_run(tmp_path: Path, restored: None) -> None:
     for row in rows:
         assert "error" not in row, row
         assert row["grad_evals"] > 0 and row["min_ess"] > 0 and row["divergences"] >= 0
+
+
+def test_particle_cost_times_every_count_and_names_a_failure(
+    tmp_path: Path, restored: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    particles = _load("particles")
+    args = ["--root", str(tmp_path / "absent"), "--rounds", "1", "--steps", "2"]
+    rows = particles.main([*args, "--only", "banana", "--particles", "1", "3"])
+    assert [r["target"] for r in rows] == ["banana-2d"]
+    assert set(rows[0]["ms"]) == {1, 3} and all(v > 0 for v in rows[0]["ms"].values())
+    assert rows[0]["ratio"][1] == 1.0
+    assert rows[0]["ratio"][3] == rows[0]["ms"][3] / rows[0]["ms"][1]
+    assert "| banana-2d |" in capsys.readouterr().out
+    quick = particles.main(["--root", str(tmp_path / "absent"), "--quick"])
+    assert [r["target"] for r in quick] == ["banana-2d", "funnel-10d"]
+    assert all(set(r["ms"]) == {1, 4, 16} for r in quick)
+
+    def unplated() -> None:  # data outside any plate: it cannot take a batch of draws
+        loc = pyro.sample("loc", pyro.distributions.Normal(0.0, 1.0))
+        pyro.sample("obs", pyro.distributions.Normal(loc, 1.0), obs=torch.tensor([0.0, 1.0]))
+
+    assert particles.step_times(unplated, [1], rounds=1, steps=1)[1] > 0
+    with pytest.raises(ValueError):
+        particles.step_times(unplated, [2], rounds=1, steps=1)
+    with pytest.raises(SystemExit):
+        particles.main([*args, "--particles", "0"])
 
 
 def test_energy_targets_have_the_right_reference_moments() -> None:

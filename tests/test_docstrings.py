@@ -33,6 +33,7 @@ NO_REFERENCE = {
     "check_order",
     "default_hidden",
     "plate_nesting",
+    "unbatched_sites",
     "robust_init",
     "constrain_latent",
     "load_checkpoint",

@@ -66,13 +66,18 @@ def small_guide(m=model):
     return fg.AutoIAF(m, num_flows=2, hidden=(8,))
 
 
+#: the model runs of fit's check that a batch of draws scores right, before its first step
+#: (``flowguide.train._check_batched``: one run with three draws, then one per draw)
+CHECK_CALLS = 4
+
+
 def ready_guide(m, calls):
-    """A guide already set up, with the model's call counter reset: in fit with ``init=None``
-    (no MAP search first), call 1 is the set-up evaluation, which is step 0's, and step k is call
-    k + 1."""
+    """A guide already set up, with the model's call counter set so that, in fit with the
+    default particles and ``init=None`` (no MAP search first), the batch check's runs count up
+    to 0, call 1 is the set-up evaluation, which is step 0's, and step k is call k + 1."""
     guide = small_guide(m)
     guide()
-    calls[0] = 0
+    calls[0] = -CHECK_CALLS
     return guide
 
 
@@ -317,7 +322,8 @@ def test_resume_after_ctrl_c_redoes_the_interrupted_step(tmp_path):
         return result, {k: v.detach().clone() for k, v in guide.named_parameters()}
 
     reference, fitted = run()
-    calls[0], stop_at[0] = 0, 26  # a model run in the middle of a step between two checkpoints
+    # a model run in the middle of a step between two checkpoints (after the batch check's)
+    calls[0], stop_at[0] = 0, CHECK_CALLS + 26
     interrupted, _ = run(tmp_path / "fit.pt")
     done = len(interrupted.losses)
     assert interrupted.stopped == "interrupted" and 20 < done < 30
@@ -777,7 +783,7 @@ def test_a_site_that_does_not_broadcast_over_the_draws_is_named():
 
     guide = small_guide(stubborn)
     guide()
-    with pytest.raises(ValueError, match=r"site 'obs' .* shape \(3,\).* 4 draws"):
+    with pytest.raises(ValueError, match=r"site 'obs' has batch shape \(3,\).* 4 particles"):
         flow_elbo_loss(stubborn, guide, num_particles=4)
 
     def misaligned():
@@ -875,15 +881,19 @@ def test_jit_refuses_what_a_trace_would_freeze(mode):
         pyro.sample("obs", dist.Normal(loc, spread), obs=torch.tensor(0.5))
 
     pyro.clear_param_store()
+    # the default particles fall back to one (the .item() sums the draws), then jit refuses
+    from flowguide.diagnostics import VectorizationWarning
+
     with pytest.raises(ValueError, match=r"structure depends on its values .* use jit=False"):
-        fg.fit(
-            reads_a_number,
-            small_guide(reads_a_number),
-            num_steps=3,
-            progress=False,
-            init=None,
-            jit=mode,
-        )
+        with pytest.warns(VectorizationWarning, match="one draw at a time"):
+            fg.fit(
+                reads_a_number,
+                small_guide(reads_a_number),
+                num_steps=3,
+                progress=False,
+                init=None,
+                jit=mode,
+            )
     pyro.clear_param_store()
     with pytest.raises(ValueError, match=rf"jit={mode!r} .* AutoNormal .* JitTrace_ELBO"):
         fg.fit(model, AutoNormal(model), num_steps=3, progress=False, jit=mode)
@@ -959,7 +969,7 @@ def test_default_particles_and_the_fallback_for_a_model_without_plates():
     from flowguide.diagnostics import VectorizationWarning
     from flowguide.train import DEFAULT_FLOW_PARTICLES
 
-    assert DEFAULT_FLOW_PARTICLES == 4
+    assert DEFAULT_FLOW_PARTICLES == 16
     shapes = []
 
     def plated():
@@ -969,7 +979,7 @@ def test_default_particles_and_the_fallback_for_a_model_without_plates():
             pyro.sample("obs", dist.Normal(loc, 1.0), obs=torch.tensor([0.5, 1.0, 1.5]))
 
     result = fg.fit(plated, small_guide(plated), num_steps=3, progress=False, init=None)
-    assert result.num_particles == 4 and shapes[-1] == (4, 1), shapes[-1]
+    assert result.num_particles == 16 and shapes[-1] == (16, 1), shapes[-1]
     pyro.clear_param_store()
     result = fg.fit(plated, AutoNormal(plated), num_steps=3, progress=False)
     assert result.num_particles == 1
@@ -997,3 +1007,63 @@ def test_default_particles_and_the_fallback_for_a_model_without_plates():
         fg.fit(
             unplated, small_guide(unplated), num_steps=3, num_particles=4, progress=False, init=None
         )
+
+
+def test_a_model_that_gives_a_batch_of_draws_a_wrong_log_density_is_caught():
+    """A model valid for one draw but wrong for a batch raises no shape error: a factor summed
+    over all dims adds the draws together, and data in no plate with as many entries as the
+    particles pair up with them. fit checks the batched log joint against one draw at a time:
+    the default falls back to one particle (and then fits the right posterior), an explicit
+    num_particles raises, naming the problem."""
+    from flowguide.diagnostics import VectorizationWarning
+
+    def summed():
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.factor("f", -0.5 * (z - 1.0).pow(2).sum())  # also sums over a batch of draws
+
+    pyro.clear_param_store()
+    guide = small_guide(summed)
+    with pytest.warns(VectorizationWarning, match="one draw at a time"):
+        result = fg.fit(summed, guide, num_steps=1500, progress=False, init=None, seed=0)
+    assert result.num_particles == 1
+    mean = guide.sample_constrained(4000)["z"].mean(0)  # posterior N(0.5, 0.5) per coordinate
+    assert torch.allclose(mean, torch.full((2,), 0.5), atol=0.1), mean
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="one draw at a time"):
+        fg.fit(summed, small_guide(summed), num_steps=2, num_particles=4, progress=False)
+
+    def paired():  # three data in no plate, and three particles: the shapes agree
+        loc = pyro.sample("loc", dist.Normal(0.0, 5.0))
+        pyro.sample("obs", dist.Normal(loc, 1.0), obs=torch.tensor([0.5, 1.0, 1.5]))
+
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match=r"site 'obs' has batch shape \(3,\)"):
+        fg.fit(paired, small_guide(paired), num_steps=2, num_particles=3, progress=False)
+    pyro.clear_param_store()
+    guide = small_guide(paired)
+    guide()
+    z = torch.zeros(3, 1)
+    with pytest.raises(ValueError, match="site 'obs'"):  # the loss itself refuses too
+        fg.train._negative_elbo(paired, guide, z, torch.zeros(3), (), {})
+
+
+def test_the_batch_check_keeps_the_random_stream_and_passes_a_subsampled_model(monkeypatch):
+    """The check draws from its own generator and seeds each model call alike (the same
+    subsample), so a model it passes fits exactly as without it, subsampled plate included."""
+
+    def subsampled():
+        loc = pyro.sample("loc", dist.Normal(0.0, 5.0))
+        with pyro.plate("data", 50, subsample_size=10) as idx:
+            pyro.sample("obs", dist.Normal(loc, 1.0), obs=torch.arange(50.0)[idx] / 50)
+
+    def losses():
+        pyro.clear_param_store()
+        guide = small_guide(subsampled)
+        return fg.fit(subsampled, guide, num_steps=20, progress=False, init=None, seed=3)
+
+    checked = losses()  # no VectorizationWarning (pytest makes warnings errors)
+    assert checked.num_particles == fg.train.DEFAULT_FLOW_PARTICLES
+    calls = []
+    monkeypatch.setattr(fg.train, "_check_batched", lambda *a, **k: calls.append(1))
+    unchecked = losses()
+    assert calls == [1] and checked.losses == unchecked.losses
