@@ -985,7 +985,7 @@ def fit(
     *args: Any,
     num_steps: int = 5000,
     lr: float = 0.01,
-    lr_decay: float = 0.1,
+    lr_decay: float = 0.01,
     optim: Callable[..., torch.optim.Optimizer] | None = None,
     loss: ELBO | None = None,
     num_particles: int | None = None,
@@ -1046,23 +1046,27 @@ def fit(
         model, guide: the Pyro model and guide.
         *args, **kwargs: the model's arguments.
         num_steps: the most steps (the budget).
-        lr: Adam's initial learning rate; it decays exponentially to ``lr * lr_decay`` at the
-            budget.
+        lr, lr_decay: Adam's initial learning rate; it decays exponentially to
+            ``lr * lr_decay`` at the budget. The default hundredfold decay (to 1e-4) quiets
+            the iterates' noise over the last steps, where a posterior's tails and sds settle
+            (see the accuracy benchmark in the docs).
         optim: a torch optimiser class or factory ``params -> Optimizer`` (default Adam).
         loss: a Pyro ELBO (``Trace_ELBO()``, ``RenyiELBO()``, ...); default: the direct flow
             ELBO for an :class:`AutoFlow` (:func:`flow_elbo_loss`), ``Trace_ELBO`` otherwise.
         num_particles: particles for the default loss (a Pyro ELBO passed as ``loss`` has its
             own); default ``DEFAULT_FLOW_PARTICLES`` (16) for an :class:`AutoFlow`, whose ELBO
             evaluates them in one vectorised model call, and 1 for another guide, whose
-            ``Trace_ELBO`` runs the model once per particle. With fewer the gradient's noise
-            hides the slow growth of a posterior's tails from the early stopping, and the fit
-            ends with the sds short (see the accuracy benchmark in the docs). On a small model
-            they cost little, sharing one model call; where the likelihood's arithmetic
-            dominates a step (much data, no subsampling) a step's cost grows with them, and
-            fewer may pay. Where the default's particles
-            cannot share one model call (data outside any ``pyro.plate``), ``fit`` warns
-            (:class:`~flowguide.diagnostics.VectorizationWarning`) and fits with one;
-            ``result.num_particles`` says which.
+            ``Trace_ELBO`` runs the model once per particle. With fewer, the gradient's noise
+            leaves funnels and heavy tails short of their sds when the fit ends (see the
+            accuracy benchmark in the docs). On a small model they cost little, sharing one
+            model call; where the likelihood's arithmetic dominates a step (much data, no
+            subsampling) a step's cost grows with them, and fewer may pay. Before the first
+            step ``fit`` checks that the model scores a batch of three draws as it scores each
+            alone; where it does not (a sum over all dims, Python control flow on a latent
+            value, data outside any ``pyro.plate``) the default falls back to one particle
+            with a :class:`~flowguide.diagnostics.VectorizationWarning` saying why, and an
+            explicit ``num_particles`` above one raises ``ValueError``;
+            ``result.num_particles`` says what ran.
         patience, window, min_steps: early stopping: after ``min_steps``, stop when the mean
             loss of ``patience`` successive windows of ``window`` steps each improved by less
             than half its standard error. ``patience=0`` disables it.

@@ -190,7 +190,7 @@ def test_accuracy_fit_budget_leaves_the_budget_to_fit(
     assert not {"num_steps", "num_particles", "patience"} & set(calls[0]), calls[0]
     assert rows[0]["steps"] == 5
     header = (
-        "fit's budget: steps 5000 at most (patience 3), lr 0.01 decaying to x0.1, particles "
+        "fit's budget: steps 5000 at most (patience 3), lr 0.01 decaying to x0.01, particles "
         "fit's default (16 for"
     )
     assert header in capsys.readouterr().out
