@@ -256,7 +256,10 @@ def _check_batched(
         z = guide._push(eps)[0]
 
         def log_joint(values: dict[str, Tensor], particles: int, nesting: int) -> Tensor:
-            torch.manual_seed(0)
+            torch.random.default_generator.manual_seed(0)  # not torch.manual_seed: it would
+            if devices:  # queue a reseeding of CUDA devices not yet in use
+                with torch.cuda.device(loc.device):
+                    torch.cuda.manual_seed(0)
             with _LogJoint(values, particles, nesting, per_particle=particles > 1) as joint:
                 model(*args, **kwargs)
             return joint.total()
