@@ -210,7 +210,10 @@ def test_neutra_quick_run(tmp_path: Path, restored: None) -> None:
 
 
 def test_particle_cost_times_every_count_and_names_a_failure(
-    tmp_path: Path, restored: None, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    restored: None,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     particles = _load("particles")
     args = ["--root", str(tmp_path / "absent"), "--rounds", "1", "--steps", "2"]
@@ -233,6 +236,16 @@ def test_particle_cost_times_every_count_and_names_a_failure(
         particles.step_times(unplated, [2], rounds=1, steps=1)
     with pytest.raises(SystemExit):
         particles.main([*args, "--particles", "0"])
+    capsys.readouterr()
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(particles, "step_times", broken)  # a failed target is a row, not a crash
+    assert particles.main([*args, "--only", "banana"]) == [
+        {"target": "banana-2d", "error": "RuntimeError: boom"}
+    ]
+    assert "| banana-2d | failed: RuntimeError: boom |" in capsys.readouterr().out
 
 
 def test_energy_targets_have_the_right_reference_moments() -> None:
