@@ -852,7 +852,8 @@ def _auto_init(
 
     def elbo() -> float:
         with torch.no_grad():
-            try:  # all draws in one vectorised model call
+            try:  # all draws in one vectorised model call, where the model scores them right
+                _check_batched(model, guide, args, kwargs)
                 value = -flow_elbo_loss(
                     model,
                     guide,

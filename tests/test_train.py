@@ -1009,7 +1009,7 @@ def test_default_particles_and_the_fallback_for_a_model_without_plates():
         )
 
 
-def test_a_model_that_gives_a_batch_of_draws_a_wrong_log_density_is_caught():
+def test_a_model_that_gives_a_batch_of_draws_a_wrong_log_density_is_caught(monkeypatch):
     """A model valid for one draw but wrong for a batch raises no shape error: a factor summed
     over all dims adds the draws together, and data in no plate with as many entries as the
     particles pair up with them. fit checks the batched log joint against one draw at a time:
@@ -1031,6 +1031,18 @@ def test_a_model_that_gives_a_batch_of_draws_a_wrong_log_density_is_caught():
     pyro.clear_param_store()
     with pytest.raises(ValueError, match="one draw at a time"):
         fg.fit(summed, small_guide(summed), num_steps=2, num_particles=4, progress=False)
+    # init="auto" compares two starts' ELBOs: one draw per model call for such a model too
+    pyro.clear_param_store()
+    counts = []
+    loss = fg.train.flow_elbo_loss
+
+    def spy(*args, num_particles=1, **kwargs):
+        counts.append(num_particles)
+        return loss(*args, num_particles=num_particles, **kwargs)
+
+    monkeypatch.setattr(fg.train, "flow_elbo_loss", spy)
+    result = fg.fit(summed, small_guide(summed), num_steps=2, num_particles=1, progress=False)
+    assert result.init is not None and counts and set(counts) == {1}, counts
 
     def paired():  # three data in no plate, and three particles: the shapes agree
         loc = pyro.sample("loc", dist.Normal(0.0, 5.0))
