@@ -846,23 +846,27 @@ def _prior_draw(model: Callable[..., Any], guide: AutoFlow, *args: Any, **kwargs
 
 
 def _auto_init(
-    model: Callable[..., Any], guide: AutoFlow, *args: Any, **kwargs: Any
+    model: Callable[..., Any], guide: AutoFlow, batched: bool, *args: Any, **kwargs: Any
 ) -> tuple[MapInit | None, str | None]:
-    """``fit(init="auto")``: the MAP start where there is a mode and it has the higher ELBO."""
+    """``fit(init="auto")``: the MAP start where there is a mode and it has the higher ELBO.
+    ``batched``: whether the model scores a batch of draws right (:func:`_check_batched`)."""
 
     def elbo() -> float:
         with torch.no_grad():
-            try:  # all draws in one vectorised model call, where the model scores them right
-                _check_batched(model, guide, args, kwargs)
-                value = -flow_elbo_loss(
-                    model,
-                    guide,
-                    *args,
-                    num_particles=AUTO_MAP_PARTICLES,
-                    register_params=False,
-                    **kwargs,
-                )
-            except (RuntimeError, ValueError):  # a model that cannot be vectorised: one by one
+            value = None
+            if batched:  # all draws in one vectorised model call
+                try:
+                    value = -flow_elbo_loss(
+                        model,
+                        guide,
+                        *args,
+                        num_particles=AUTO_MAP_PARTICLES,
+                        register_params=False,
+                        **kwargs,
+                    )
+                except (RuntimeError, ValueError):  # a model that cannot be vectorised
+                    pass
+            if value is None:  # one draw per model call
                 draws = [
                     -flow_elbo_loss(model, guide, *args, register_params=False, **kwargs)
                     for _ in range(AUTO_MAP_PARTICLES // 8)
@@ -1177,7 +1181,16 @@ def fit(
     path = Path(checkpoint) if checkpoint is not None else None
     found = skipped = None
     resuming = path is not None and resume and path.exists()
-    if init == "auto" and isinstance(guide, AutoFlow) and not resuming:
+    auto = init == "auto" and isinstance(guide, AutoFlow) and not resuming
+    # does the model score a batch of draws as each draw alone? Checked once, where the default
+    # loss or the automatic start would batch them (see _check_batched)
+    batch_error: Exception | None = None
+    if isinstance(guide, AutoFlow) and (auto or (loss is None and num_particles > 1)):
+        try:
+            _check_batched(model, guide, args, kwargs)
+        except (RuntimeError, ValueError) as error:
+            batch_error = error
+    if auto:
         if guide.prototype_trace is None:
             guide._setup_prototype(*args, **kwargs)
         if guide.latent_dim > AUTO_MAP_MAX_DIM:
@@ -1186,7 +1199,7 @@ def fit(
                 f"({AUTO_MAP_MAX_DIM}); pass init='map' to start from the MAP anyway"
             )
         else:
-            found, skipped = _auto_init(model, guide, *args, **kwargs)
+            found, skipped = _auto_init(model, guide, batch_error is None, *args, **kwargs)
     elif init in ("map", "map-diag") and not resuming:
         covariance = "full" if init == "map" else "diag"
         found = map_init(model, guide, *args, covariance=covariance, **kwargs)  # type: ignore[arg-type]
@@ -1209,8 +1222,8 @@ def fit(
                     traced.append(compiler(model, guide, args, kwargs, num_particles, params))
                     result.compile_seconds = time.perf_counter() - began
                 return traced[0]()
-            if not registered[0] and num_particles > 1:  # a batch of draws must score right
-                _check_batched(model, guide, args, kwargs)
+            if not registered[0] and num_particles > 1 and batch_error is not None:
+                raise batch_error  # a batch of draws would be scored wrong
             # the guide's parameters are registered (and found) once; the optimiser holds them
             loss = flow_elbo_loss(
                 model,
