@@ -690,3 +690,27 @@ def test_vae_example_flow_options():
     for bad in (["--flow-layers", "iaf=0"], ["--flow-layers", "maf=2"], ["--made-hidden", "8,x"]):
         with pytest.raises(SystemExit):
             example.parse(bad)
+
+
+def test_vae_example_learning_rate_decays_to_the_given_fraction(tmp_path):
+    """--lr-decay: after the warm-up, Adam's learning rate falls exponentially to lr x decay at
+    the last step (read from the checkpoint's optimizer); a bad fraction exits."""
+    out = tmp_path / "vae"
+    cmd = [sys.executable, str(ROOT / "examples" / "vae.py"), "--smoke", "--synthetic"]
+    cmd += ["--posteriors", "diagonal", "--epochs", "1", "--lr", "0.002", "--lr-decay", "0.25"]
+    cmd += ["--lr-warmup-steps", "3", "--timing-rounds", "0", "--output", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=170, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = torch.load(out / "checkpoints" / "diagonal.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.002 * 0.25, rel=1e-9)
+    assert state["config"]["lr_decay"] == 0.25 and state["config"]["epochs"] == 1
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vae_example", ROOT / "examples" / "vae.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.parse(["--smoke"]).lr_decay == 1.0  # constant by default
+    for bad in ("0", "1.5", "-0.1"):
+        with pytest.raises(SystemExit):
+            example.parse(["--lr-decay", bad])
