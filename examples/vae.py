@@ -730,8 +730,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         study(args, ctx)
         if ctx is not None:
-            # leave together: a process that tears its group down while rank 0 still writes
-            # results can abort in gloo's connection threads ("terminate called ...")
+            # leave together: every rank waits until rank 0 has written the results, then
+            # close() frees the group and joins its threads before the interpreter exits
             ctx.barrier()
     finally:
         if ctx is not None:

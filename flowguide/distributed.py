@@ -34,6 +34,7 @@ A training loop::
         ctx.print(f"epoch {epoch}: loss {ctx.all_reduce_mean(loss).item():.3f}")
         if ctx.is_main:
             torch.save(net.state_dict(), "checkpoint.pt")
+    del trainer  # the wrapper holds the process group: close() frees the group and its threads
     ctx.close()
 
 launched as ``torchrun --nproc_per_node=4 train.py`` (see the guide "Scaling out with
@@ -43,10 +44,15 @@ torchrun" for several nodes).
 from __future__ import annotations
 
 import builtins
+import contextlib
 import datetime
+import gc
 import hashlib
+import importlib
 import math
 import os
+import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -361,15 +367,63 @@ class DistributedContext:
                 dist.barrier()
 
     def close(self) -> None:
-        """Destroy the process group if :func:`init_distributed` created it."""
-        if self.owns_group and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        """Destroy the process group if :func:`init_distributed` created it, and make sure it
+        is gone, its worker threads joined, before this returns.
+
+        ``destroy_process_group`` only drops ``torch.distributed``'s own references to the
+        group; the group (and its threads) is freed when the last reference goes. A group that
+        outlives ``close`` is freed while the interpreter shuts down, and a worker thread that
+        still releases the last collective then needs the interpreter and aborts the process
+        ("terminate called without an active exception"). So ``close`` collects garbage when
+        the group survives (a discarded :class:`~torch.nn.parallel.DistributedDataParallel`
+        wrapper in a reference cycle, say) and warns (:class:`RuntimeWarning`) when it is
+        still referenced after that: drop the wrappers from :meth:`wrap` before calling
+        ``close``. Call it once every rank is done with the group (after a :meth:`barrier`).
+        """
+        if not (self.owns_group and dist.is_available() and dist.is_initialized()):
+            return
+        group = _weak_default_group()
+        dist.destroy_process_group()
+        if group is None or group() is None:
+            return
+        gc.collect()
+        if group() is not None:
+            warnings.warn(
+                "the process group is still referenced after destroy_process_group() (by a "
+                "DistributedDataParallel wrapper from wrap(), say), so its worker threads run "
+                "until the interpreter exits, where they can abort the process; drop such "
+                "references before calling close()",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def __enter__(self) -> DistributedContext:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _weak_default_group() -> weakref.ReferenceType[Any] | None:
+    """A weak reference to the default process group (None where it cannot be made), to see
+    whether destroying the group freed it."""
+    try:
+        return weakref.ref(dist.group.WORLD)
+    except TypeError:  # no group, or a build whose groups take no weak references
+        return None
+
+
+def _import_collective_functions() -> None:
+    """Import ``torch.distributed.nn`` before the process group is created.
+
+    Its autograd-aware collectives take ``group=group.WORLD`` as a default argument, which
+    Python evaluates once, on import. Imported after ``init_process_group`` (``torch._dynamo``
+    imports it, and the first ``torch.optim`` optimizer imports ``torch._dynamo``), ten such
+    defaults would hold the default process group until the interpreter exits, so that
+    :meth:`DistributedContext.close` could not free it. Imported now, the defaults are None.
+    """
+    with contextlib.suppress(ImportError):
+        importlib.import_module("torch.distributed.nn")
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
@@ -447,6 +501,7 @@ def init_distributed(
             dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend()
         )
     options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    _import_collective_functions()
     dist.init_process_group(
         backend, init_method="env://", rank=rank, world_size=world_size, **options
     )

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -240,6 +241,64 @@ def test_two_processes_average_gradients_like_one_process(tmp_path, no_torchrun)
     assert losses[-1] < losses[0]  # it trains
     for a, b in zip(ranks[0]["params"], single_params, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def _torchrun_env(port: int) -> dict[str, str]:
+    """The environment torchrun gives the only process of a one-process job."""
+    return {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+
+
+@needs_gloo
+def test_close_frees_the_group_when_torch_dynamo_is_imported_after_init():
+    # torch.distributed.nn's collectives default to group=group.WORLD, bound on import; the
+    # first torch.optim optimizer imports torch._dynamo, which imports them. Imported after the
+    # group was created, they kept it (and its gloo threads) alive past close() into
+    # interpreter shutdown, where a gloo thread releasing the last collective aborted the
+    # process now and then. A fresh interpreter, so that nothing was imported before.
+    script = textwrap.dedent(
+        """
+        import warnings, weakref
+        import torch.distributed as dist
+        from flowguide.distributed import init_distributed
+        warnings.simplefilter("error")
+        ctx = init_distributed("gloo")
+        import torch._dynamo  # what the first torch.optim optimizer does
+        group = weakref.ref(dist.group.WORLD)
+        ctx.close()
+        print("freed" if group() is None else "alive")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env |= _torchrun_env(_free_port())
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["freed"]
+
+
+@needs_gloo
+def test_close_warns_when_the_group_is_still_referenced(monkeypatch):
+    for name, value in _torchrun_env(_free_port()).items():
+        monkeypatch.setenv(name, value)
+    ctx = init_distributed("gloo")
+    keep = [dist.group.WORLD]  # as a DistributedDataParallel wrapper does
+    with pytest.warns(RuntimeWarning, match=r"still referenced .* before calling close\(\)"):
+        ctx.close()
+    assert not dist.is_initialized()
+    keep.clear()
 
 
 def _load_vae_example():
