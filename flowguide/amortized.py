@@ -26,8 +26,7 @@ softplus, and a context :math:`h`), and :math:`f_h` a conditional flow that read
 * ``"iaf"``: inverse autoregressive layers whose MADE also reads :math:`h` (Kingma et al. 2016),
   the autoregressive order reversed between layers;
 * ``"nsf"``: rational-quadratic spline autoregressive layers with :math:`h` fed to the MADE
-  (Durkan et al. 2019), then one affine autoregressive layer (as in the autoguides'
-  :class:`~flowguide.guides.AutoNeuralSpline`);
+  (Durkan et al. 2019), between two affine autoregressive layers;
 * ``None``: no flow, the diagonal Gaussian encoder of the plain VAE.
 
 Every flow starts as the identity, so at initialisation the posterior *is* the diagonal Gaussian
@@ -111,7 +110,7 @@ __all__ = [
 LogJoint = Callable[[Tensor, Tensor], Tensor]
 
 #: The flow families of :class:`AmortizedFlowPosterior` and their default number of layers
-#: (for ``"nsf"`` the spline layers; its closing affine layer comes on top).
+#: (for ``"nsf"`` the spline layers; its opening and closing affine layers come on top).
 FLOW_FAMILIES: dict[str, int] = {"planar": 16, "radial": 16, "iaf": 2, "nsf": 2}
 
 
@@ -146,10 +145,11 @@ def build_conditional_flow(
       :math:`z_i \mapsto \mu_i(z_{<i}, h) + e^{s_i(z_{<i}, h)} z_i`, on a MADE that also reads
       :math:`h`, the order reversed every other layer;
     * ``"nsf"``: :class:`~flowguide.transforms.SplineAutoregressive` layers, the same with a
-      rational-quadratic spline for the affine map, then (``affine=True``) one affine
-      autoregressive layer, as in :class:`~flowguide.guides.AutoNeuralSpline`: a spline maps
-      :math:`[-B, B]` onto itself, and the closing layer gives every coordinate a location and
-      scale conditioned on the others and on :math:`h`.
+      rational-quadratic spline for the affine map, between (``affine=True``) two affine
+      autoregressive layers: a spline maps :math:`[-B, B]` onto itself, so the opening layer
+      can move and scale each coordinate to where the spline's bins are, and the closing one
+      gives every coordinate a location and scale conditioned on the others and on :math:`h`
+      (:class:`~flowguide.guides.AutoNeuralSpline` has the closing one).
 
     Args:
         family: ``"planar"``, ``"radial"``, ``"iaf"`` or ``"nsf"``.
@@ -163,8 +163,8 @@ def build_conditional_flow(
             layers, as in Rezende & Mohamed's and van den Berg et al.'s amortized planar
             flows).
         bins, bound: the spline's bins and half-width (``"nsf"`` only).
-        affine: end an ``"nsf"`` flow with an affine autoregressive layer (not counted in
-            ``num_flows``).
+        affine: put an ``"nsf"`` flow's spline layers between two affine autoregressive
+            layers (not counted in ``num_flows``).
 
     References: Rezende & Mohamed 2015, "Variational Inference with Normalizing Flows",
     arXiv:1505.05770 (planar, radial); Kingma et al. 2016, "Improved Variational Inference with
@@ -195,8 +195,8 @@ def build_conditional_flow(
         planar_hidden = () if hidden is None else tuple(hidden)[:1]
         return AmortizedPlanar(latent_dim, context_dim, num_flows, hidden=planar_hidden)
     layers: list[Flow] = []
-    closing = family == "nsf" and affine
-    for i in range(num_flows + closing):
+    wrapped = family == "nsf" and affine  # an affine layer before and after the splines
+    for i in range(num_flows + 2 * wrapped):
         if family == "radial":
             layers.append(Radial(latent_dim, context_dim, hidden=widths[:1] or widths))
         else:
@@ -204,7 +204,7 @@ def build_conditional_flow(
             # make the flow a permutation at initialisation, and the base is not isotropic)
             order = torch.arange(latent_dim)
             order = order.flip(0) if i % 2 else order
-            if family == "iaf" or i == num_flows:  # the IAF's layers, or NSF's closing one
+            if family == "iaf" or (wrapped and i in (0, num_flows + 1)):
                 layers.append(
                     AffineAutoregressive(latent_dim, widths, context_dim=context_dim, order=order)
                 )

@@ -78,20 +78,24 @@ def test_starts_as_the_diagonal_gaussian_encoder(flow):
 
 
 @pytest.mark.parametrize("affine", [True, False])
-def test_nsf_ends_with_an_affine_layer_that_reads_the_context(affine):
+def test_nsf_splines_sit_between_affine_layers_that_read_the_context(affine):
     flow = build_conditional_flow("nsf", 3, context_dim=4, num_flows=2, affine=affine).double()
     kinds = [type(layer).__name__ for layer in flow.flows]
-    assert kinds == ["SplineAutoregressive"] * 2 + ["AffineAutoregressive"] * affine
+    wrap = ["AffineAutoregressive"] * affine
+    assert kinds == wrap + ["SplineAutoregressive"] * 2 + wrap
     assert all(layer.context_dim == 4 for layer in flow.flows)
-    # the orders alternate through the closing layer too
+    # the orders alternate through the affine layers too
     orders = [layer.order.tolist() for layer in flow.flows]
-    assert orders[:3] == [[0, 1, 2], [2, 1, 0], [0, 1, 2]][: len(orders)]
-    if affine:  # the closing layer alone moves the output once its MADE is not zero
+    assert orders == [[0, 1, 2], [2, 1, 0]] * (len(orders) // 2)
+    if affine:  # each affine layer alone moves the output once its MADE is not zero
         x, h = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
         before = flow.condition(h)(x)
-        with torch.no_grad():
-            flow.flows[-1].made.output_layer.bias.normal_()
-        assert not torch.allclose(flow.condition(h)(x), before)
+        for layer in (flow.flows[0], flow.flows[-1]):
+            with torch.no_grad():
+                layer.made.output_layer.bias.normal_()
+            after = flow.condition(h)(x)
+            assert not torch.allclose(after, before)
+            before = after
 
 
 @pytest.mark.parametrize("flow", FLOWS)
