@@ -906,10 +906,14 @@ def write_table(
         "covers the spread between training runs (one seed each).",
         "",
         "Train s/epoch: the mean wall-clock time of the training epochs (the posteriors train one "
-        "after another, so each sees the machine's load of its own time). Interleaved: fresh "
-        f"VAEs timed round-robin, {args.timing_steps} steps each per round, the median over "
-        f"{args.timing_rounds} rounds scaled to an epoch (every posterior under the same load); "
-        "results.json also has this thread's CPU time.",
+        "after another, so each sees the machine's load of its own time)."
+        + (
+            f" Interleaved: fresh VAEs timed round-robin, {args.timing_steps} steps each per "
+            f"round, the median over {args.timing_rounds} rounds scaled to an epoch (every "
+            "posterior under the same load); results.json also has this thread's CPU time."
+            if args.timing_rounds > 0
+            else " No interleaved timing in this run (--timing-rounds 0)."
+        ),
     ]
     names = list(results)
     if pairs and len(names) > 1:

@@ -708,6 +708,8 @@ def test_vae_example_learning_rate_decays_to_the_given_fraction(tmp_path):
     state = torch.load(out / "checkpoints" / "diagonal.pt", weights_only=True)
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.002 * 0.25, rel=1e-9)
     assert state["config"]["lr_decay"] == 0.25 and state["config"]["epochs"] == 1
+    table = (out / "results.md").read_text()  # no timing paragraph for a run without timing
+    assert "No interleaved timing" in table and "median over 0 rounds" not in table
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("vae_example", ROOT / "examples" / "vae.py")
