@@ -844,7 +844,7 @@ def flow_settings(args: argparse.Namespace) -> str:
         f"Flows: {layers['planar']} planar layers (parameters from one linear map of the "
         f"encoder's context), {layers['radial']} radial layers, {layers['iaf']} IAF and "
         f"{layers['nsf']} neural-spline autoregressive layers ({args.spline_bins} bins on "
-        f"[-{args.spline_bound:g}, {args.spline_bound:g}]) and a closing affine one (MADE "
+        f"[-{args.spline_bound:g}, {args.spline_bound:g}]) between two affine ones (MADE "
         f"hidden widths {widths}, reading the context)."
     )
 
