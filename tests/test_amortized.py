@@ -632,6 +632,17 @@ def test_errors_of_the_autoguide():
 
 
 # -- the example -------------------------------------------------------------------------------
+def _vae_example():
+    """``examples/vae.py`` imported as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vae_example", ROOT / "examples" / "vae.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example
+
+
 def test_vae_example_smoke(tmp_path):
     out = tmp_path / "vae"
     cmd = [sys.executable, str(ROOT / "examples" / "vae.py"), "--smoke", "--synthetic"]
@@ -661,12 +672,7 @@ def test_vae_example_smoke(tmp_path):
 def test_vae_example_flow_options():
     """--flow-layers, --made-hidden and --spline-bins reach the flows the example builds; bad
     values exit."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("vae_example", ROOT / "examples" / "vae.py")
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = _vae_example()
     args = example.parse(
         ["--smoke", "--flow-layers", "iaf=3,nsf=1", "--made-hidden", "24,16", "--spline-bins", "5"]
     )
@@ -710,12 +716,7 @@ def test_vae_example_learning_rate_decays_to_the_given_fraction(tmp_path):
     assert state["config"]["lr_decay"] == 0.25 and state["config"]["epochs"] == 1
     table = (out / "results.md").read_text()  # no timing paragraph for a run without timing
     assert "No interleaved timing" in table and "median over 0 rounds" not in table
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("vae_example", ROOT / "examples" / "vae.py")
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = _vae_example()
     assert example.parse(["--smoke"]).lr_decay == 1.0  # constant by default
     for bad in ("0", "1.5", "-0.1"):
         with pytest.raises(SystemExit):
