@@ -20,7 +20,7 @@ from conftest import randomize
 from pyro.distributions import TransformedDistribution
 from torch import nn
 
-from flowguide.nn import MADE, MLP, check_hidden, check_order
+from flowguide.nn import MADE, MLP, MaskedLinear, check_hidden, check_order
 from flowguide.transforms import (
     AffineAutoregressive,
     Compose,
@@ -381,12 +381,20 @@ def test_iaf_bounded_for_huge_conditioner_outputs():
 
 
 @pytest.mark.parametrize("context_dim", [0, 2])
-def test_iaf_fused_sampling_map_has_exact_first_and_second_derivatives(context_dim):
-    """The forward map's hand-written backward (one fused function) against finite differences,
-    for the input, the context and every parameter, with y alone, the log-det alone and both
-    used; and its double backward (Hessians: create_graph) likewise."""
+@pytest.mark.parametrize(
+    ("hidden", "activation"), [((5,), nn.ReLU), ((5, 4), nn.ReLU), ((5,), nn.Tanh)]
+)
+def test_iaf_fused_sampling_map_has_exact_first_and_second_derivatives(
+    context_dim, hidden, activation
+):
+    """The forward map's hand-written backward (one fused function: the whole layer for a ReLU
+    MADE, the affine map alone for another) against finite differences, for the input, the
+    context and every parameter, with y alone, the log-det alone and both used; and its double
+    backward (Hessians: create_graph) likewise."""
     dim = 3
-    flow = AffineAutoregressive(dim, hidden=(5,), context_dim=context_dim).double()
+    flow = AffineAutoregressive(
+        dim, hidden=hidden, context_dim=context_dim, activation=activation
+    ).double()
     randomize(flow, scale=1.5, seed=3)
     x = randn(4, dim, seed=4).requires_grad_()
     ctx = randn(4, 2, seed=5).requires_grad_() if context_dim else None
@@ -400,6 +408,40 @@ def test_iaf_fused_sampling_map_has_exact_first_and_second_derivatives(context_d
     for pick in (lambda o: o, lambda o: o[0], lambda o: o[1]):
         assert torch.autograd.gradcheck(lambda *a, pick=pick: pick(outputs(*a)), inputs)
     assert torch.autograd.gradgradcheck(lambda *a: outputs(*a), inputs)
+
+
+@pytest.mark.parametrize("hidden", [(6,), (6, 5)])
+def test_iaf_fused_layer_equals_its_made_and_affine_map(hidden):
+    """The fused pass of a ReLU MADE's IAF layer gives what the MADE module and the bounded affine
+    map give, with a context broadcast against a batch of samples, and the same gradients for
+    the input, the context and every parameter (the masked-out weights' gradients zero)."""
+    from flowguide.transforms.autoregressive import _bounded, _relu_made_layers
+
+    dim = 4
+    flow = AffineAutoregressive(dim, hidden=hidden, context_dim=3, order=[2, 0, 3, 1]).double()
+    assert _relu_made_layers(flow.made) is not None  # the fused pass
+    assert _relu_made_layers(MADE(dim, 2, hidden, activation=nn.Tanh)) is None
+    randomize(flow, scale=1.0, seed=7)
+    x = randn(5, 2, dim, seed=8).requires_grad_()  # 5 samples of 2 data
+    ctx = randn(2, 3, seed=9).requires_grad_()
+    y, ladj = flow._forward_ladj(x, ctx)
+    out = flow.made(x, ctx.expand(5, 2, 3))  # (..., dim, 2): shifts and log-scales
+    s = _bounded(out[..., 1], flow.log_scale_bound)
+    want_y, want_ladj = out[..., 0] + s.exp() * x, s.sum(-1)
+    assert y.shape == (5, 2, dim) and ladj.shape == (5, 2)
+    torch.testing.assert_close(y, want_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ladj, want_ladj, rtol=1e-12, atol=1e-12)
+    weights = randn(5, 2, dim, seed=10)
+    inputs = (x, ctx, *flow.parameters())
+    got = torch.autograd.grad((y * weights).sum() + ladj.square().sum(), inputs)
+    want = torch.autograd.grad((want_y * weights).sum() + want_ladj.square().sum(), inputs)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    for layer in (m for m in flow.made.net if isinstance(m, MaskedLinear)):
+        assert layer.weight.grad is None  # autograd.grad, not backward
+    masks = [m.mask for m in flow.made.net if isinstance(m, MaskedLinear)]
+    for g, mask in zip(got[2::2], masks, strict=True):
+        assert g[mask == 0].abs().max() == 0 and g[mask == 1].abs().max() > 0
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan"), -float("inf")])
