@@ -169,7 +169,7 @@ class VAE:
             encoder.to(self.device, dtype),
             flow=flow,
             num_flows=args.num_flows.get(flow),
-            hidden=args.made_hidden if flow in ("iaf", "nsf") else None,
+            hidden=args.made_hidden.get(flow),
             bins=args.spline_bins,
             bound=args.spline_bound,
             create_plates=self.data_plate,
@@ -333,8 +333,8 @@ def train_one(
     }
     config |= {"posterior": name, "objective": args.objective, "data": args.data_name}
     config |= {"train_size": len(x_train), "num_flows": str(args.num_flows.get(flow))}
-    if args.made_hidden is not None and flow in ("iaf", "nsf"):
-        config["made_hidden"] = list(args.made_hidden)
+    if args.made_hidden.get(flow) is not None:
+        config["made_hidden"] = list(args.made_hidden[flow])
     if flow == "nsf" and (args.spline_bins, args.spline_bound) != (8, 3.0):
         config |= {"spline_bins": args.spline_bins, "spline_bound": args.spline_bound}
     if args.dtype != "float32":
@@ -646,8 +646,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--made-hidden",
         default="",
-        help="the IAF's and NSF's MADE hidden widths, e.g. '320' or '128,128' (default: "
-        "flowguide's, two layers of max(4 x latent dim, 32))",
+        help="the MADE hidden widths: '320' or '128,128' for both the IAF and the NSF, or per "
+        "family, 'iaf=320,nsf=640' or 'iaf=128,128,nsf=640' (default: flowguide's, two layers "
+        "of max(4 x latent dim, 32))",
     )
     p.add_argument("--objective", choices=["elbo", "dreg"], default="elbo")
     p.add_argument("--iw-train", type=int, default=8, help="samples per datum for --objective dreg")
@@ -714,13 +715,37 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                 f"{list(args.num_flows)}, got {item!r}"
             )
         args.num_flows[family] = int(layers)
-    widths = args.made_hidden.split(",") if args.made_hidden else []
-    if not all(w.isdigit() and int(w) > 0 for w in widths):
-        p.error(
-            f"--made-hidden: expected positive widths separated by commas, got {args.made_hidden!r}"
-        )
-    args.made_hidden = tuple(int(w) for w in widths) or None
+    try:
+        args.made_hidden = parse_made_hidden(args.made_hidden)
+    except ValueError as error:
+        p.error(f"--made-hidden: {error}")
     return args
+
+
+def parse_made_hidden(text: str) -> dict[str, tuple[int, ...] | None]:
+    """``--made-hidden`` as the IAF's and the NSF's MADE hidden widths (None: the default).
+
+    Comma-separated widths; ``FAMILY=W`` starts that family's list and the bare widths after it
+    continue it, bare widths before any family go to both: ``'640'``, ``'iaf=320,nsf=640'``,
+    ``'iaf=128,128,nsf=640'``, ``'640,iaf=320'`` (the NSF 640, the IAF 320)."""
+    shared: list[int] = []
+    given: dict[str, list[int]] = {}
+    current = shared
+    for item in filter(None, text.split(",")):
+        family, sep, width = item.rpartition("=")
+        if sep:
+            if family not in ("iaf", "nsf") or family in given:
+                raise ValueError(
+                    f"expected FAMILY=WIDTH with FAMILY 'iaf' or 'nsf', once each, got {item!r}"
+                )
+            current = given[family] = []
+        if not (width.isdigit() and int(width) > 0):
+            raise ValueError(
+                f"expected positive widths separated by commas, optionally after iaf= or nsf=, "
+                f"got {text!r}"
+            )
+        current.append(int(width))
+    return {f: tuple(given.get(f) or shared) or None for f in ("iaf", "nsf")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -837,15 +862,22 @@ def paired_differences(per_image: dict[str, Tensor]) -> dict[str, dict[str, floa
 
 def flow_settings(args: argparse.Namespace) -> str:
     """One sentence with every flow family's layers and conditioner widths, as trained."""
-    made = args.made_hidden or default_hidden(args.latent_dim)
-    widths = " x ".join(str(w) for w in made)
+    widths = {
+        f: " x ".join(str(w) for w in (args.made_hidden.get(f) or default_hidden(args.latent_dim)))
+        for f in ("iaf", "nsf")
+    }
+    made = (
+        f"MADE hidden widths {widths['iaf']}"
+        if widths["iaf"] == widths["nsf"]
+        else f"MADE hidden widths {widths['iaf']} for the IAF and {widths['nsf']} for the spline"
+    )
     layers = {f: args.num_flows.get(f) or FLOW_FAMILIES[f] for f in FLOW_FAMILIES}
     return (
         f"Flows: {layers['planar']} planar layers (parameters from one linear map of the "
         f"encoder's context), {layers['radial']} radial layers, {layers['iaf']} IAF and "
         f"{layers['nsf']} neural-spline autoregressive layers ({args.spline_bins} bins on "
-        f"[-{args.spline_bound:g}, {args.spline_bound:g}]) between two affine ones (MADE "
-        f"hidden widths {widths}, reading the context)."
+        f"[-{args.spline_bound:g}, {args.spline_bound:g}]) between two affine ones ({made}, "
+        f"reading the context)."
     )
 
 

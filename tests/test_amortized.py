@@ -677,7 +677,7 @@ def test_vae_example_flow_options():
         ["--smoke", "--flow-layers", "iaf=3,nsf=1", "--made-hidden", "24,16", "--spline-bins", "5"]
     )
     assert args.num_flows == {"planar": 2, "radial": 2, "iaf": 3, "nsf": 1}
-    assert args.made_hidden == (24, 16)
+    assert args.made_hidden == {"iaf": (24, 16), "nsf": (24, 16)}
     assert "3 IAF and 1 neural-spline autoregressive layers (5 bins on [-3, 3])" in (
         example.flow_settings(args)
     )
@@ -700,6 +700,36 @@ def test_vae_example_flow_options():
     for bad in (["--flow-layers", "iaf=0"], ["--flow-layers", "maf=2"], ["--made-hidden", "8,x"]):
         with pytest.raises(SystemExit):
             example.parse(bad)
+
+
+def test_vae_example_made_widths_per_family():
+    """--made-hidden takes widths for both autoregressive families or for each; the IAF and the
+    spline get their own, the results' sentence names them, and bad lists exit."""
+    example = _vae_example()
+    parse = example.parse_made_hidden
+    assert parse("") == {"iaf": None, "nsf": None}
+    assert parse("640") == {"iaf": (640,), "nsf": (640,)}
+    assert parse("iaf=320,nsf=640") == {"iaf": (320,), "nsf": (640,)}
+    assert parse("iaf=128,128,nsf=640") == {"iaf": (128, 128), "nsf": (640,)}
+    assert parse("640,iaf=320") == {"iaf": (320,), "nsf": (640,)}
+    assert parse("nsf=40") == {"iaf": None, "nsf": (40,)}
+    for bad, named in (("maf=3", "'maf=3'"), ("iaf=3,iaf=4", "'iaf=4'"), ("iaf=0", "'iaf=0'")):
+        with pytest.raises(ValueError, match=named):
+            parse(bad)
+    for bad in ("iaf=", "3,x"):
+        with pytest.raises(ValueError, match="positive widths"):
+            parse(bad)
+    args = example.parse(["--smoke", "--made-hidden", "iaf=24,nsf=40"])
+    assert "MADE hidden widths 24 for the IAF and 40 for the spline" in example.flow_settings(args)
+    data, _ = example.make_synthetic()
+    for flow, width in (("iaf", 24), ("nsf", 40)):
+        pyro.clear_param_store()
+        vae = example.VAE(flow, data["train"].shape[1], args)
+        vae.guide.setup(data["train"], 1.0)
+        mades = [m.made for m in vae.guide.posterior.flow.modules() if hasattr(m, "made")]
+        assert mades and all(made.net[0].out_features == width for made in mades)
+    with pytest.raises(SystemExit):
+        example.parse(["--made-hidden", "iaf=24,flow=3"])
 
 
 def test_vae_example_learning_rate_decays_to_the_given_fraction(tmp_path):
