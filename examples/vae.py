@@ -170,6 +170,7 @@ class VAE:
             flow=flow,
             num_flows=args.num_flows.get(flow),
             hidden=args.made_hidden.get(flow),
+            context_dim=args.context_dims.get(flow),
             bins=args.spline_bins,
             bound=args.spline_bound,
             create_plates=self.data_plate,
@@ -335,6 +336,8 @@ def train_one(
     config |= {"train_size": len(x_train), "num_flows": str(args.num_flows.get(flow))}
     if args.made_hidden.get(flow) is not None:
         config["made_hidden"] = list(args.made_hidden[flow])
+    if flow in args.context_dims:
+        config["context_dim"] = args.context_dims[flow]
     if flow == "nsf" and (args.spline_bins, args.spline_bound) != (8, 3.0):
         config |= {"spline_bins": args.spline_bins, "spline_bound": args.spline_bound}
     if args.dtype != "float32":
@@ -650,6 +653,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "family, 'iaf=320,nsf=640' or 'iaf=128,128,nsf=640' (default: flowguide's, two layers "
         "of max(4 x latent dim, 32))",
     )
+    p.add_argument(
+        "--context-dim",
+        default="",
+        help="the width of the context the encoder hands each flow: '32' for every family or "
+        "per family, e.g. 'iaf=32' (default: flowguide's, min(max(2 x latent dim, 16), 256))",
+    )
     p.add_argument("--objective", choices=["elbo", "dreg"], default="elbo")
     p.add_argument("--iw-train", type=int, default=8, help="samples per datum for --objective dreg")
     p.add_argument("--iw-samples", type=int, default=200, help="importance samples for the NLL")
@@ -719,6 +728,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.made_hidden = parse_made_hidden(args.made_hidden)
     except ValueError as error:
         p.error(f"--made-hidden: {error}")
+    args.context_dims = {}
+    for item in filter(None, args.context_dim.split(",")):
+        family, sep, width = item.rpartition("=")
+        families = [family] if sep else list(args.num_flows)
+        if (sep and family not in args.num_flows) or not (width.isdigit() and int(width) > 0):
+            p.error(
+                f"--context-dim: expected a positive width, or FAMILY=WIDTH with a family of "
+                f"{list(args.num_flows)}, got {item!r}"
+            )
+        args.context_dims |= dict.fromkeys(families, int(width))
     return args
 
 
@@ -872,12 +891,19 @@ def flow_settings(args: argparse.Namespace) -> str:
         else f"MADE hidden widths {widths['iaf']} for the IAF and {widths['nsf']} for the spline"
     )
     layers = {f: args.num_flows.get(f) or FLOW_FAMILIES[f] for f in FLOW_FAMILIES}
+    default = min(max(2 * args.latent_dim, 16), 256)  # AmortizedFlowPosterior's
+    widths = {f: args.context_dims.get(f, default) for f in FLOW_FAMILIES}
+    contexts = (
+        f"a context of {default} features"
+        if set(widths.values()) == {default}
+        else "contexts of " + ", ".join(f"{w} ({f})" for f, w in widths.items()) + " features"
+    )
     return (
         f"Flows: {layers['planar']} planar layers (parameters from one linear map of the "
         f"encoder's context), {layers['radial']} radial layers, {layers['iaf']} IAF and "
         f"{layers['nsf']} neural-spline autoregressive layers ({args.spline_bins} bins on "
         f"[-{args.spline_bound:g}, {args.spline_bound:g}]) between two affine ones ({made}, "
-        f"reading the context)."
+        f"reading the context); {contexts}."
     )
 
 

@@ -732,6 +732,31 @@ def test_vae_example_made_widths_per_family():
         example.parse(["--made-hidden", "iaf=24,flow=3"])
 
 
+def test_vae_example_context_width_per_family():
+    """--context-dim sets the width of the context the encoder hands a flow, for every family or
+    per family; the others keep flowguide's default, and bad values exit."""
+    example = _vae_example()
+    assert example.parse(["--context-dim", "48"]).context_dims == dict.fromkeys(
+        ["planar", "radial", "iaf", "nsf"], 48
+    )
+    args = example.parse(["--smoke", "--context-dim", "iaf=6"])
+    assert args.context_dims == {"iaf": 6}
+    assert "contexts of 16 (planar), 16 (radial), 6 (iaf), 16 (nsf) features" in (
+        example.flow_settings(args)
+    )
+    assert "a context of 16 features" in example.flow_settings(example.parse(["--smoke"]))
+    data, _ = example.make_synthetic()
+    for flow, width in (("iaf", 6), ("planar", 16)):  # 16: the default for latent dim 4
+        pyro.clear_param_store()
+        vae = example.VAE(flow, data["train"].shape[1], args)
+        vae.guide.setup(data["train"], 1.0)
+        assert vae.guide.posterior.context_dim == width
+        assert vae.guide.posterior.context_head.out_features == width
+    for bad in ("maf=3", "iaf=0", "x", "iaf=3.5"):
+        with pytest.raises(SystemExit):
+            example.parse(["--context-dim", bad])
+
+
 def test_vae_example_learning_rate_decays_to_the_given_fraction(tmp_path):
     """--lr-decay: after the warm-up, Adam's learning rate falls exponentially to lr x decay at
     the last step (read from the checkpoint's optimizer); a bad fraction exits."""
