@@ -332,21 +332,31 @@ def _made_affine_graph(
             h = F.linear(h, weight * mask, bias)
             if i < n - 1:
                 h = torch.relu(h)
-        dim = x.shape[-1]
-        b = _bounded(h[..., dim:], bound)
-        outputs, grads = [], []
-        if grad_y is not None:
-            outputs.append(torch.addcmul(h[..., :dim], b.exp(), x))
-            grads.append(grad_y)
-        if grad_ladj is not None:
-            outputs.append(b.sum(-1))
-            grads.append(grad_ladj)
+        outputs, grads = _affine_terms(x, h, bound, grad_y, grad_ladj)
         inputs = [x, x_in, context, None, *params]
         wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
         found = iter(
             torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True)
         )
     return tuple(next(found) if need else None for need in needs)
+
+
+def _affine_terms(
+    x: Tensor, out: Tensor, bound: float, grad_y: Tensor | None, grad_ladj: Tensor | None
+) -> tuple[list[Tensor], list[Tensor]]:
+    r"""The bounded affine map's outputs that receive a gradient, :math:`y = \mu + e^{b(s)} x`
+    and :math:`\sum_i b(s_i)` from the MADE's output ``out`` = :math:`(\mu, s)`, each beside its
+    gradient: the differentiable backwards' (``create_graph``) common part."""
+    dim = out.shape[-1] // 2
+    b = _bounded(out[..., dim:], bound)
+    outputs, grads = [], []
+    if grad_y is not None:
+        outputs.append(torch.addcmul(out[..., :dim], b.exp(), x))
+        grads.append(grad_y)
+    if grad_ladj is not None:
+        outputs.append(b.sum(-1))
+        grads.append(grad_ladj)
+    return outputs, grads
 
 
 def _bounded(s: Tensor, bound: float) -> Tensor:
@@ -411,16 +421,7 @@ def _bounded_affine_graph(
     """:class:`_BoundedAffine`'s backward as a differentiable graph (for ``create_graph``)."""
     with torch.enable_grad():
         x, out = x.view_as(x), out.view_as(out)
-        dim = out.shape[-1] // 2
-        s = out[..., dim:]
-        b = _bounded(s, bound)
-        outputs, grads = [], []
-        if grad_y is not None:
-            outputs.append(torch.addcmul(out[..., :dim], b.exp(), x))
-            grads.append(grad_y)
-        if grad_ladj is not None:
-            outputs.append(b.sum(-1))
-            grads.append(grad_ladj)
+        outputs, grads = _affine_terms(x, out, bound, grad_y, grad_ladj)
         wanted = [t for t, need in zip((x, out), needs, strict=False) if need]
         found = iter(
             torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True)
