@@ -892,11 +892,11 @@ def flow_settings(args: argparse.Namespace) -> str:
     )
     layers = {f: args.num_flows.get(f) or FLOW_FAMILIES[f] for f in FLOW_FAMILIES}
     default = min(max(2 * args.latent_dim, 16), 256)  # AmortizedFlowPosterior's
-    widths = {f: args.context_dims.get(f, default) for f in FLOW_FAMILIES}
+    context = {f: args.context_dims.get(f, default) for f in FLOW_FAMILIES}
     contexts = (
         f"a context of {default} features"
-        if set(widths.values()) == {default}
-        else "contexts of " + ", ".join(f"{w} ({f})" for f, w in widths.items()) + " features"
+        if set(context.values()) == {default}
+        else "contexts of " + ", ".join(f"{w} ({f})" for f, w in context.items()) + " features"
     )
     return (
         f"Flows: {layers['planar']} planar layers (parameters from one linear map of the "

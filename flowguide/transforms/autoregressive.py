@@ -242,7 +242,8 @@ class _MadeAffine(torch.autograd.Function):
 
     Inputs: ``x`` for the affine map and ``x_in``, ``x`` broadcast to the batch, for the MADE
     (two inputs, as in the unfused layer, so that autograd sums their gradients and any other
-    of ``x`` in the same order: training gives bit for bit what the unfused layer gives),
+    of ``x`` in the same order: on the machine we checked, training gave bit for bit what the
+    unfused layer gives),
     ``context`` (or None) of that batch shape, the log-scale bound, then each masked linear
     layer's weight, bias and mask, in order."""
 
