@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -151,3 +154,13 @@ def build(
 def bind(flow: T.Flow, context: torch.Tensor | None):
     """The plain transform of a flow: itself, or its conditioned view."""
     return flow if context is None else flow.condition(context)
+
+
+def load_vae_example() -> ModuleType:
+    """``examples/vae.py`` imported as a module (its parser, VAE and helpers, for tests)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "vae.py"
+    spec = importlib.util.spec_from_file_location("vae_example", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

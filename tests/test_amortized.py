@@ -13,6 +13,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import load_vae_example
 from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 
@@ -632,17 +633,6 @@ def test_errors_of_the_autoguide():
 
 
 # -- the example -------------------------------------------------------------------------------
-def _vae_example():
-    """``examples/vae.py`` imported as a module."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("vae_example", ROOT / "examples" / "vae.py")
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    return example
-
-
 def test_vae_example_smoke(tmp_path):
     out = tmp_path / "vae"
     cmd = [sys.executable, str(ROOT / "examples" / "vae.py"), "--smoke", "--synthetic"]
@@ -672,7 +662,7 @@ def test_vae_example_smoke(tmp_path):
 def test_vae_example_flow_options():
     """--flow-layers, --made-hidden and --spline-bins reach the flows the example builds; bad
     values exit."""
-    example = _vae_example()
+    example = load_vae_example()
     args = example.parse(
         ["--smoke", "--flow-layers", "iaf=3,nsf=1", "--made-hidden", "24,16", "--spline-bins", "5"]
     )
@@ -705,7 +695,7 @@ def test_vae_example_flow_options():
 def test_vae_example_made_widths_per_family():
     """--made-hidden takes widths for both autoregressive families or for each; the IAF and the
     spline get their own, the results' sentence names them, and bad lists exit."""
-    example = _vae_example()
+    example = load_vae_example()
     parse = example.parse_made_hidden
     assert parse("") == {"iaf": None, "nsf": None}
     assert parse("640") == {"iaf": (640,), "nsf": (640,)}
@@ -735,7 +725,7 @@ def test_vae_example_made_widths_per_family():
 def test_vae_example_context_width_per_family():
     """--context-dim sets the width of the context the encoder hands a flow, for every family or
     per family; the others keep flowguide's default, and bad values exit."""
-    example = _vae_example()
+    example = load_vae_example()
     assert example.parse(["--context-dim", "48"]).context_dims == dict.fromkeys(
         ["planar", "radial", "iaf", "nsf"], 48
     )
@@ -771,7 +761,7 @@ def test_vae_example_learning_rate_decays_to_the_given_fraction(tmp_path):
     assert state["config"]["lr_decay"] == 0.25 and state["config"]["epochs"] == 1
     table = (out / "results.md").read_text()  # no timing paragraph for a run without timing
     assert "No interleaved timing" in table and "median over 0 rounds" not in table
-    example = _vae_example()
+    example = load_vae_example()
     assert example.parse(["--smoke"]).lr_decay == 1.0  # constant by default
     for bad in ("0", "1.5", "-0.1"):
         with pytest.raises(SystemExit):

@@ -4,7 +4,6 @@ processes with gloo on this machine train as one process with the same global ba
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import os
 import socket
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import load_vae_example
 from torch import nn
 
 from flowguide.amortized import AmortizedFlowPosterior
@@ -114,7 +114,7 @@ def test_bad_arguments_raise_clear_errors(monkeypatch, no_torchrun):
 def test_the_example_rejects_a_batch_not_divisible_by_the_world_size(
     monkeypatch, capsys, no_torchrun
 ):
-    vae = _load_vae_example()
+    vae = load_vae_example()
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(SystemExit) as exit_info:
@@ -299,14 +299,6 @@ def test_close_warns_when_the_group_is_still_referenced(monkeypatch):
         ctx.close()
     assert not dist.is_initialized()
     keep.clear()
-
-
-def _load_vae_example():
-    spec = importlib.util.spec_from_file_location("vae_example", ROOT / "examples" / "vae.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(cmd: list[str], out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
