@@ -195,7 +195,9 @@ class AffineAutoregressive(_Autoregressive):
         if layers is not None:  # the whole layer, MADE and affine map, as one autograd node
             x_in = x
             if context is not None:
-                batch = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
+                batch = x.shape[:-1]
+                if batch != context.shape[:-1]:
+                    batch = torch.broadcast_shapes(batch, context.shape[:-1])
                 x_in, context = x.expand(*batch, -1), context.expand(*batch, -1)
             tensors = [t for layer in layers for t in (layer.weight, layer.bias, layer.mask)]
             y, ladj = _MadeAffine.apply(x, x_in, context, self.log_scale_bound, *tensors)
@@ -265,12 +267,7 @@ class _MadeAffine(torch.autograd.Function):
             if i < n - 1:
                 h = h.clamp_min_(0)  # ReLU, in place on the fresh product
         xf = x_in.reshape(-1, dim)
-        loc, s = h[:, :dim], h[:, dim:]
-        r = s.abs().mul_(1 / bound).add_(1).reciprocal_()  # 1 / d, as in _BoundedAffine
-        b = s * r
-        ladj = b.sum(-1)
-        e = b.exp_()
-        y = torch.addcmul(loc, e, xf)
+        y, ladj, r, e = _affine_forward(xf, h, bound)
         ctx.save_for_backward(x, x_in, context, xf, r, e, *inputs, *masked, *tensors)
         ctx.bound, ctx.layers = bound, n
         return y.view(*batch, dim), ladj.view(batch)
@@ -287,13 +284,13 @@ class _MadeAffine(torch.autograd.Function):
                 ctx.needs_input_grad, x, x_in, context, ctx.bound, tensors, grad_y, grad_ladj
             )
         dim = xf.shape[-1]
-        gy = xf.new_zeros(()).expand_as(xf) if grad_y is None else grad_y.reshape(-1, dim)
-        gx = gy * e
-        gs = gx * xf
-        if grad_ladj is not None:
-            gs = gs.add_(grad_ladj.reshape(-1, 1))
-        gs = gs.mul_(r).mul_(r)  # b'(s) = 1 / d^2
-        g = torch.cat((gy, gs), -1)  # the gradient of the MADE's output
+        gx, g = _affine_backward(  # g: the gradient of the MADE's output
+            xf,
+            r,
+            e,
+            None if grad_y is None else grad_y.reshape(-1, dim),
+            None if grad_ladj is None else grad_ladj.reshape(-1),
+        )
         needs = ctx.needs_input_grad
         grads: list[Tensor | None] = [None] * (3 * n)
         for i in reversed(range(n)):
@@ -342,6 +339,33 @@ def _made_affine_graph(
     return tuple(next(found) if need else None for need in needs)
 
 
+def _affine_forward(x: Tensor, out: Tensor, bound: float) -> tuple[Tensor, ...]:
+    r"""The bounded affine map and its log-det from the MADE's output
+    ``out`` = :math:`(\mu, s)`, with what the backward keeps: ``(y, ladj, 1 / d, e^b)``."""
+    dim = out.shape[-1] // 2
+    loc, s = out[..., :dim], out[..., dim:]
+    r = s.abs().mul_(1 / bound).add_(1).reciprocal_()  # 1 / d
+    b = s * r
+    ladj = b.sum(-1)
+    e = b.exp_()
+    return torch.addcmul(loc, e, x), ladj, r, e
+
+
+def _affine_backward(
+    x: Tensor, r: Tensor, e: Tensor, grad_y: Tensor | None, grad_ladj: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`_affine_forward`'s gradients: for ``x`` (in the broadcast shape of ``y``) and for
+    the MADE's output."""
+    if grad_y is None:
+        grad_y = e.new_zeros(())
+    grad_x = grad_y * e
+    grad_s = (grad_x * x).sum_to_size(r.shape)
+    if grad_ladj is not None:
+        grad_s = grad_s.add_(grad_ladj.unsqueeze(-1))
+    grad_s = grad_s.mul_(r).mul_(r)  # b'(s) = 1 / d^2
+    return grad_x, torch.cat((grad_y.expand_as(grad_s), grad_s), -1)
+
+
 def _affine_terms(
     x: Tensor, out: Tensor, bound: float, grad_y: Tensor | None, grad_ladj: Tensor | None
 ) -> tuple[list[Tensor], list[Tensor]]:
@@ -382,13 +406,7 @@ class _BoundedAffine(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, x: Tensor, out: Tensor, bound: float
     ) -> tuple[Tensor, Tensor]:
-        dim = out.shape[-1] // 2
-        loc, s = out[..., :dim], out[..., dim:]
-        r = s.abs().mul_(1 / bound).add_(1).reciprocal_()  # 1 / d
-        b = s * r
-        ladj = b.sum(-1)
-        e = b.exp_()
-        y = torch.addcmul(loc, e, x)
+        y, ladj, r, e = _affine_forward(x, out, bound)
         ctx.save_for_backward(x, out, r, e)
         ctx.bound = bound
         return y, ladj
@@ -400,14 +418,7 @@ class _BoundedAffine(torch.autograd.Function):
         x, out, r, e = ctx.saved_tensors
         if torch.is_grad_enabled():
             return _bounded_affine_graph(ctx.needs_input_grad, x, out, ctx.bound, grad_y, grad_ladj)
-        if grad_y is None:
-            grad_y = out.new_zeros(())
-        grad_x = grad_y * e
-        grad_s = (grad_x * x).sum_to_size(r.shape)
-        if grad_ladj is not None:
-            grad_s = grad_s.add_(grad_ladj.unsqueeze(-1))
-        grad_s = grad_s.mul_(r).mul_(r)  # b'(s) = 1 / d^2
-        grad_out = torch.cat((grad_y.expand_as(grad_s), grad_s), -1)
+        grad_x, grad_out = _affine_backward(x, r, e, grad_y, grad_ladj)
         return grad_x.sum_to_size(x.shape), grad_out, None
 
 
