@@ -715,30 +715,31 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             shard_slice(args.batch_size, 0, world_size)
         except ValueError as error:
             p.error(f"--batch-size {args.batch_size}: {error}")
-    args.num_flows = {f: args.flows for f in POSTERIORS.values() if f is not None}
-    for item in filter(None, args.flow_layers.split(",")):
-        family, _, layers = item.partition("=")
-        if family not in args.num_flows or not layers.isdigit() or int(layers) < 1:
-            p.error(
-                f"--flow-layers: expected FAMILY=N with N >= 1 and a family of "
-                f"{list(args.num_flows)}, got {item!r}"
-            )
-        args.num_flows[family] = int(layers)
+    families = [f for f in POSTERIORS.values() if f is not None]
     try:
+        layers = per_family("--flow-layers", args.flow_layers, families, bare=False)
         args.made_hidden = parse_made_hidden(args.made_hidden)
+        args.context_dims = per_family("--context-dim", args.context_dim, families, bare=True)
     except ValueError as error:
-        p.error(f"--made-hidden: {error}")
-    args.context_dims = {}
-    for item in filter(None, args.context_dim.split(",")):
-        family, sep, width = item.rpartition("=")
-        families = [family] if sep else list(args.num_flows)
-        if (sep and family not in args.num_flows) or not (width.isdigit() and int(width) > 0):
-            p.error(
-                f"--context-dim: expected a positive width, or FAMILY=WIDTH with a family of "
-                f"{list(args.num_flows)}, got {item!r}"
-            )
-        args.context_dims |= dict.fromkeys(families, int(width))
+        p.error(str(error))
+    args.num_flows = dict.fromkeys(families, args.flows) | layers
     return args
+
+
+def per_family(option: str, text: str, families: list[str], bare: bool) -> dict[str, int]:
+    """A ``FAMILY=N,...`` option (``--flow-layers``, ``--context-dim``) as ``{family: N}``, N a
+    positive integer; with ``bare``, a plain ``N`` applies to every family."""
+    values: dict[str, int] = {}
+    for item in filter(None, text.split(",")):
+        family, sep, value = item.rpartition("=")
+        known = family in families if (sep or not bare) else True
+        if not known or not (value.isdigit() and int(value) > 0):
+            raise ValueError(
+                f"{option}: expected {'N or ' if bare else ''}FAMILY=N with N >= 1 and a family of "
+                f"{families}, got {item!r}"
+            )
+        values |= dict.fromkeys([family] if sep else families, int(value))
+    return values
 
 
 def parse_made_hidden(text: str) -> dict[str, tuple[int, ...] | None]:
@@ -755,13 +756,14 @@ def parse_made_hidden(text: str) -> dict[str, tuple[int, ...] | None]:
         if sep:
             if family not in ("iaf", "nsf") or family in given:
                 raise ValueError(
-                    f"expected FAMILY=WIDTH with FAMILY 'iaf' or 'nsf', once each, got {item!r}"
+                    f"--made-hidden: expected FAMILY=WIDTH with FAMILY 'iaf' or 'nsf', once each, "
+                    f"got {item!r}"
                 )
             current = given[family] = []
         if not (width.isdigit() and int(width) > 0):
             raise ValueError(
-                f"expected positive widths separated by commas, optionally after iaf= or nsf=, "
-                f"got {text!r}"
+                f"--made-hidden: expected positive widths separated by commas, optionally after "
+                f"iaf= or nsf=, got {text!r}"
             )
         current.append(int(width))
     return {f: tuple(given.get(f) or shared) or None for f in ("iaf", "nsf")}
