@@ -444,6 +444,127 @@ def test_iaf_fused_layer_equals_its_made_and_affine_map(hidden):
         assert g[mask == 0].abs().max() == 0 and g[mask == 1].abs().max() > 0
 
 
+def _iaf_stack(context_dim: int, seed: int) -> list[AffineAutoregressive]:
+    """Three double IAF layers of different MADE depths, orders and bounds, randomized."""
+    dim = 4
+    flows = [
+        AffineAutoregressive(dim, hidden=(6,), context_dim=context_dim, order=[2, 0, 3, 1]),
+        AffineAutoregressive(dim, hidden=(5, 7), context_dim=context_dim, log_scale_bound=2.0),
+        AffineAutoregressive(dim, hidden=(8,), context_dim=context_dim, order=[3, 2, 1, 0]),
+    ]
+    return [randomize(f.double(), scale=1.0, seed=seed + i) for i, f in enumerate(flows)]
+
+
+def _unfused(flow: AffineAutoregressive, x: torch.Tensor, ctx: torch.Tensor | None):
+    """An IAF layer through its MADE module and the plain bounded affine map."""
+    from flowguide.transforms.autoregressive import _bounded
+
+    out = flow.made(x, None if ctx is None else ctx.expand(*x.shape[:-1], -1))
+    s = _bounded(out[..., 1], flow.log_scale_bound)
+    return out[..., 0] + s.exp() * x, s.sum(-1)
+
+
+@pytest.mark.parametrize("context_dim", [0, 3])
+def test_iaf_layers_in_a_row_run_as_one_node_with_the_layers_values_and_gradients(context_dim):
+    """A Compose of IAF layers runs them as one fused autograd node (one backward function for
+    y and the log-det); its values and the gradients of the input, the context and every
+    parameter are those of the layers' MADEs and affine maps run one by one, with a context
+    broadcast against a batch of samples."""
+    flows = _iaf_stack(context_dim, seed=11)
+    chain = Compose(flows)
+    x = randn(5, 2, 4, seed=12).requires_grad_()
+    ctx = randn(2, context_dim, seed=13).requires_grad_() if context_dim else None
+    y, ladj = chain._forward_ladj(x, ctx)
+    assert type(y.grad_fn).__name__ == "_MadeAffineBackward"
+    assert y.grad_fn in [f for f, _ in ladj.grad_fn.next_functions]  # 0 + the node's log-det
+    want_y, want_ladj = x, 0
+    for flow in flows:
+        want_y, part = _unfused(flow, want_y, ctx)
+        want_ladj = want_ladj + part
+    assert y.shape == (5, 2, 4) and ladj.shape == (5, 2)
+    torch.testing.assert_close(y, want_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ladj, want_ladj, rtol=1e-12, atol=1e-12)
+    weights = randn(5, 2, 4, seed=14)
+    inputs = (x, *(() if ctx is None else (ctx,)), *chain.parameters())
+    got = torch.autograd.grad((y * weights).sum() + ladj.square().sum(), inputs)
+    want_loss = (want_y * weights).sum() + want_ladj.square().sum()
+    want = torch.autograd.grad(want_loss, inputs, retain_graph=True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    # only some inputs wanted: the backward skips the rest and still gets these right
+    for wanted in ([x], [flows[2].made.output_layer.weight], list(flows[0].parameters())):
+        y, ladj = chain._forward_ladj(x, ctx)
+        got = torch.autograd.grad(y.sum() + ladj.sum(), wanted)
+        want = torch.autograd.grad(want_y.sum() + want_ladj.sum(), wanted, retain_graph=True)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    if ctx is not None:
+        y, ladj = chain._forward_ladj(x.detach(), ctx)
+        (got,) = torch.autograd.grad(ladj.sum(), ctx)
+        (want,) = torch.autograd.grad(want_ladj.sum(), ctx, retain_graph=True)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # x, the context and the upper layers fixed: the first layer's parameters' gradient still
+    # passes down through the layers above
+    for flow in flows[1:]:
+        flow.requires_grad_(False)
+    y, ladj = chain._forward_ladj(x.detach(), None if ctx is None else ctx.detach())
+    first = list(flows[0].parameters())
+    got = torch.autograd.grad(y.sum() + ladj.sum(), first)
+    want = torch.autograd.grad(want_y.sum() + want_ladj.sum(), first, retain_graph=True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_iaf_layers_in_a_row_have_exact_first_and_second_derivatives():
+    """The fused run of IAF layers against finite differences (y, the log-det, both) and its
+    double backward (create_graph), for the input, the context and every parameter."""
+    chain = Compose(_iaf_stack(2, seed=21))
+    x = randn(3, 4, seed=22).requires_grad_()
+    ctx = randn(3, 2, seed=23).requires_grad_()
+    inputs = (x, ctx, *chain.parameters())
+
+    def outputs(*_):
+        return chain._forward_ladj(x, ctx)
+
+    for pick in (lambda o: o, lambda o: o[0], lambda o: o[1]):
+        assert torch.autograd.gradcheck(lambda *a, pick=pick: pick(outputs(*a)), inputs)
+    assert torch.autograd.gradgradcheck(lambda *a: outputs(*a), inputs)
+
+
+def test_compose_fuses_only_runs_of_iaf_layers_and_keeps_every_value():
+    """Runs of IAF layers fuse; a Permute, a planar layer, a Tanh MADE or a subclass that
+    redefines the layer's pass split the runs or run alone, and the composition's values are
+    the parts' one after another either way."""
+
+    class Doubled(AffineAutoregressive):
+        def _forward_ladj(self, x, context):
+            y, ladj = super()._forward_ladj(x, context)
+            return 2 * y, ladj + self.dim * math.log(2)
+
+    torch.manual_seed(0)
+    parts = [
+        *_iaf_stack(0, seed=31),
+        Permute(4, [1, 3, 0, 2]),
+        AffineAutoregressive(4, hidden=(6,), activation=nn.Tanh),
+        AffineAutoregressive(4, hidden=(6,)),
+        Planar(4),
+        Doubled(4, hidden=(5,)),
+        Doubled(4, hidden=(5,)),
+    ]
+    parts = [randomize(p.double(), scale=1.0, seed=40 + i) for i, p in enumerate(parts)]
+    x = randn(6, 4, seed=32)
+    y, ladj = Compose(parts)._forward_ladj(x, None)
+    want_y, want_ladj = x, torch.zeros(6, dtype=F64)
+    for part in parts:
+        want_y, part_ladj = part._forward_ladj(want_y, None)
+        want_ladj = want_ladj + part_ladj
+    torch.testing.assert_close(y, want_y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ladj, want_ladj, rtol=1e-12, atol=1e-12)
+    # the Doubled layers ran their own pass: y = 2 (IAF layer's y), twice
+    assert Doubled._chain_forward_ladj(parts[-2:], x, None) is None
+    assert AffineAutoregressive._chain_forward_ladj(parts[4:6], x, None) is None  # a Tanh MADE
+
+
 @pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan"), -float("inf")])
 def test_iaf_log_scale_bound_must_be_positive(bad):
     with pytest.raises(ValueError, match=named("log_scale_bound", repr(bad))):

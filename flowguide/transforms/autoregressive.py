@@ -191,22 +191,24 @@ class AffineAutoregressive(_Autoregressive):
             out = self.made.flat(x, context)
             y, s = self._affine(x, *out.chunk(2, dim=-1), inverse=False)
             return y, s.sum(-1)
-        layers = _relu_made_layers(self.made)
-        if layers is not None:  # the whole layer, MADE and affine map, as one autograd node
-            x_in = x
-            if context is not None:
-                batch = x.shape[:-1]
-                if batch != context.shape[:-1]:
-                    batch = torch.broadcast_shapes(batch, context.shape[:-1])
-                x_in, context = x.expand(*batch, -1), context.expand(*batch, -1)
-            tensors = [t for layer in layers for t in (layer.weight, layer.bias, layer.mask)]
-            y, ladj = _MadeAffine.apply(x, x_in, context, self.log_scale_bound, *tensors)
-            return y, ladj
+        fused = _fused_chain([self], x, context)
+        if fused is not None:  # the whole layer, MADE and affine map, as one autograd node
+            return fused
         # any other MADE: its parameter-major output holds the shifts and the log-scales as two
         # halves, read and differentiated by one fused function
         out = self.made.flat(x, context)
         y, ladj = _BoundedAffine.apply(x, out, self.log_scale_bound)
         return y, ladj
+
+    @classmethod
+    def _chain_forward_ladj(
+        cls, flows: Sequence[Flow], x: Tensor, context: Tensor | None
+    ) -> tuple[Tensor, Tensor] | None:
+        # IAF layers in a row (a Compose of them) as one autograd node, unless a subclass
+        # redefines the layer's pass
+        if _functorch_active() or cls._forward_ladj is not AffineAutoregressive._forward_ladj:
+            return None
+        return _fused_chain(flows, x, context)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", log_scale_bound={self.log_scale_bound}"
@@ -226,87 +228,159 @@ def _relu_made_layers(made: nn.Module) -> list[MaskedLinear] | None:
     return linears  # type: ignore[return-value]
 
 
+def _fused_chain(
+    flows: Sequence[AffineAutoregressive], x: Tensor, context: Tensor | None
+) -> tuple[Tensor, Tensor] | None:
+    """IAF layers applied in a row (each reads ``context``) as one :class:`_MadeAffine` node:
+    ``(y, summed log-dets)``, or None when a layer's MADE is not a ReLU MADE."""
+    tensors: list[Tensor] = []
+    depths: list[int] = []
+    for flow in flows:
+        layers = _relu_made_layers(flow.made)
+        if layers is None:
+            return None
+        depths.append(len(layers))
+        tensors += [t for layer in layers for t in (layer.weight, layer.bias, layer.mask)]
+    x_in = x
+    if context is not None:
+        batch = x.shape[:-1]
+        if batch != context.shape[:-1]:
+            batch = torch.broadcast_shapes(batch, context.shape[:-1])
+        x_in, context = x.expand(*batch, -1), context.expand(*batch, -1)
+    bounds = tuple(flow.log_scale_bound for flow in flows)
+    y, ladj = _MadeAffine.apply(x, x_in, context, bounds, tuple(depths), *tensors)
+    return y, ladj
+
+
 class _MadeAffine(torch.autograd.Function):
-    r"""An IAF layer's sampling-direction pass as one autograd node: the MADE with ReLU hidden
-    layers, :math:`h_0 = (x, c)`, :math:`h_l = \max(0, (W_l \odot M_l) h_{l-1} + b_l)`, its
-    output :math:`(\mu, s) = (W_L \odot M_L) h_{L-1} + b_L`, then :class:`_BoundedAffine`'s
-    map :math:`y = \mu + e^{b(s)} x` and :math:`\sum_i b(s_i)`.
+    r"""IAF layers' sampling-direction pass, one layer or several in a row, as one autograd node.
+    Each layer is a MADE with ReLU hidden layers, :math:`h_0 = (x, c)`,
+    :math:`h_l = \max(0, (W_l \odot M_l) h_{l-1} + b_l)`, its output
+    :math:`(\mu, s) = (W_L \odot M_L) h_{L-1} + b_L`, then :class:`_BoundedAffine`'s map
+    :math:`y = \mu + e^{b(s)} x` and :math:`\sum_i b(s_i)`; the next layer reads :math:`y` and
+    the same context, and the log-dets add in order.
 
-    The backward is the chain rule written out: with :math:`g_L` the gradient of the MADE's
-    output (:class:`_BoundedAffine`'s), :math:`\bar W_l = (g_l^\top h_{l-1}) \odot M_l`,
-    :math:`\bar b_l = \sum g_l`, :math:`g_{l-1} = (g_l (W_l \odot M_l)) \odot [h_{l-1} > 0]`,
-    and the input's gradient :math:`g_0` splits into the parts for :math:`x` and :math:`c`. It
-    runs the products and elementwise kernels autograd would run for the same layer (the masked
-    weights kept from the forward), without the graph's dozen-odd nodes per layer, its
-    mask-multiply nodes or the cut that splits the concatenated input. Under
-    ``create_graph=True`` it differentiates the plain expression instead, so higher derivatives
-    are exact.
+    The backward is the chain rule written out, last layer first: with :math:`g_L` the gradient
+    of a MADE's output (:class:`_BoundedAffine`'s), :math:`\bar W_l = (g_l^\top h_{l-1}) \odot
+    M_l`, :math:`\bar b_l = \sum g_l`, :math:`g_{l-1} = (g_l (W_l \odot M_l)) \odot [h_{l-1} >
+    0]`; the input's gradient :math:`g_0` splits into the parts for :math:`x` (added to the
+    affine map's, the gradient of the layer below's :math:`y`) and for :math:`c` (summed over
+    the layers). It runs the products and elementwise kernels autograd would run for the same
+    layers (the masked weights kept from the forward), without the graph's dozen-odd nodes per
+    layer, its mask-multiply nodes, the cut that splits each concatenated input or the
+    per-layer sums of the context's gradient. Under ``create_graph=True`` it differentiates the
+    plain expression instead, so higher derivatives are exact.
 
-    Inputs: ``x`` for the affine map and ``x_in``, ``x`` broadcast to the batch, for the MADE
-    (two inputs, as in the unfused layer, so that autograd sums their gradients and any other
-    of ``x`` in the same order: on the machine we checked, training gave bit for bit what the
-    unfused layer gives),
-    ``context`` (or None) of that batch shape, the log-scale bound, then each masked linear
-    layer's weight, bias and mask, in order."""
+    Inputs: ``x`` for the first layer's affine map and ``x_in``, ``x`` broadcast to the batch,
+    for its MADE (two inputs, as for one unfused layer, so that autograd sums their gradients
+    and any other of ``x`` in the same order: on the machine we checked, training gave bit for
+    bit what the unfused layers give), ``context`` (or None) of that batch shape, the layers'
+    log-scale bounds, their MADEs' depths (masked linear layers each), then each masked linear
+    layer's weight, bias and mask, layer by layer."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, x_in: Tensor, context: Tensor | None, bound: float, *tensors: Tensor
+        ctx: Any,
+        x: Tensor,
+        x_in: Tensor,
+        context: Tensor | None,
+        bounds: tuple[float, ...],
+        depths: tuple[int, ...],
+        *tensors: Tensor,
     ) -> tuple[Tensor, Tensor]:
         batch, dim = x_in.shape[:-1], x_in.shape[-1]
-        h = x_in if context is None else torch.cat((x_in, context), -1)
-        h = h.reshape(-1, h.shape[-1])
-        inputs, masked = [], []
-        n = len(tensors) // 3
-        for i in range(n):
-            weight, bias, mask = tensors[3 * i : 3 * i + 3]
-            w = weight * mask
-            inputs.append(h)
-            masked.append(w)
-            h = torch.addmm(bias, h, w.t())
-            if i < n - 1:
-                h = h.clamp_min_(0)  # ReLU, in place on the fresh product
+        c = None if context is None else context.reshape(-1, context.shape[-1])
         xf = x_in.reshape(-1, dim)
-        y, ladj, r, e = _affine_forward(xf, h, bound)
-        ctx.save_for_backward(x, x_in, context, xf, r, e, *inputs, *masked, *tensors)
-        ctx.bound, ctx.layers = bound, n
-        return y.view(*batch, dim), ladj.view(batch)
+        saved: list[Tensor] = []
+        total: Tensor | None = None
+        k = 0
+        for bound, depth in zip(bounds, depths, strict=True):
+            h = xf if c is None else torch.cat((xf, c), -1)
+            inputs, masked = [], []
+            for i in range(depth):
+                weight, bias, mask = tensors[k : k + 3]
+                k += 3
+                w = weight * mask
+                inputs.append(h)
+                masked.append(w)
+                h = torch.addmm(bias, h, w.t())
+                if i < depth - 1:
+                    h = h.clamp_min_(0)  # ReLU, in place on the fresh product
+            y, ladj, r, e = _affine_forward(xf, h, bound)
+            saved += [xf, r, e, *inputs, *masked]
+            total = ladj if total is None else total + ladj
+            xf = y
+        assert total is not None
+        ctx.save_for_backward(x, x_in, context, *saved, *tensors)
+        ctx.bounds, ctx.depths = bounds, depths
+        return xf.view(*batch, dim), total.view(batch)
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad_y: Tensor | None, grad_ladj: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        n = ctx.layers
-        x, x_in, context, xf, r, e, *rest = ctx.saved_tensors
-        inputs, masked, tensors = rest[:n], rest[n : 2 * n], rest[2 * n :]
+        depths: tuple[int, ...] = ctx.depths
+        x, x_in, context, *rest = ctx.saved_tensors
+        tensors = rest[sum(3 + 2 * d for d in depths) :]
         if torch.is_grad_enabled():
             return _made_affine_graph(
-                ctx.needs_input_grad, x, x_in, context, ctx.bound, tensors, grad_y, grad_ladj
+                ctx.needs_input_grad,
+                x,
+                x_in,
+                context,
+                ctx.bounds,
+                depths,
+                tensors,
+                grad_y,
+                grad_ladj,
             )
-        dim = xf.shape[-1]
-        gx, g = _affine_backward(  # g: the gradient of the MADE's output
-            xf,
-            r,
-            e,
-            None if grad_y is None else grad_y.reshape(-1, dim),
-            None if grad_ladj is None else grad_ladj.reshape(-1),
-        )
         needs = ctx.needs_input_grad
-        grads: list[Tensor | None] = [None] * (3 * n)
-        for i in reversed(range(n)):
-            if needs[4 + 3 * i]:
-                grads[3 * i] = (g.t() @ inputs[i]).mul_(tensors[3 * i + 2])
-            if needs[5 + 3 * i]:
-                grads[3 * i + 1] = g.sum(0)
-            if i == 0 and not (needs[1] or needs[2]):
+        wants = needs[5:]  # the weights', biases' and masks' (never) needs, layer by layer
+        starts = [0]
+        for d in depths:
+            starts.append(starts[-1] + 3 * d)
+        dim = x_in.shape[-1]
+        gy = None if grad_y is None else grad_y.reshape(-1, dim)
+        gl = None if grad_ladj is None else grad_ladj.reshape(-1)
+        grads: list[Tensor | None] = [None] * len(tensors)
+        grad_x = grad_in = grad_c = None
+        at = len(rest) - len(tensors)  # the end of the last layer's saved tensors
+        for layer in reversed(range(len(depths))):
+            depth, start = depths[layer], starts[layer]
+            at -= 3 + 2 * depth
+            xf, r, e = rest[at : at + 3]
+            inputs, masked = (
+                rest[at + 3 : at + 3 + depth],
+                rest[at + 3 + depth : at + 3 + 2 * depth],
+            )
+            # what the gradient of this layer's input serves: the context, or anything below
+            below = needs[1] or (layer > 0 and (needs[0] or any(wants[:start])))
+            if not (below or needs[0] or needs[2] or any(wants[start : starts[layer + 1]])):
                 break
-            g = g @ masked[i]
-            if i > 0:  # through the ReLU: its output is the next layer's input
-                g = torch.ops.aten.threshold_backward(g, inputs[i], 0)
-        grad_x = gx.view(x_in.shape).sum_to_size(x.shape) if needs[0] else None
-        grad_in = g[:, :dim].reshape(x_in.shape) if needs[1] else None
-        grad_c = g[:, dim:].reshape(context.shape) if needs[2] else None
-        return (grad_x, grad_in, grad_c, None, *grads)
+            gx, g = _affine_backward(xf, r, e, gy, gl)  # g: the gradient of the MADE's output
+            for i in reversed(range(depth)):
+                t = start + 3 * i
+                if wants[t]:
+                    grads[t] = (g.t() @ inputs[i]).mul_(tensors[t + 2])
+                if wants[t + 1]:
+                    grads[t + 1] = g.sum(0)
+                if i == 0 and not (below or needs[2]):
+                    break
+                g = g @ masked[i]
+                if i > 0:  # through the ReLU: its output is the next layer's input
+                    g = torch.ops.aten.threshold_backward(g, inputs[i], 0)
+            else:
+                if needs[2]:  # the layers' parts summed last layer first, as autograd sums
+                    grad_c = g[:, dim:] if grad_c is None else grad_c + g[:, dim:]
+                if layer > 0:
+                    gy = gx + g[:, :dim]
+                else:
+                    grad_in = g[:, :dim].reshape(x_in.shape) if needs[1] else None
+            if layer == 0 and needs[0]:
+                grad_x = gx.view(x_in.shape).sum_to_size(x.shape)
+        if grad_c is not None:
+            grad_c = grad_c.reshape(context.shape)
+        return (grad_x, grad_in, grad_c, None, None, *grads)
 
 
 def _made_affine_graph(
@@ -314,7 +388,8 @@ def _made_affine_graph(
     x: Tensor,
     x_in: Tensor,
     context: Tensor | None,
-    bound: float,
+    bounds: tuple[float, ...],
+    depths: tuple[int, ...],
     tensors: Sequence[Tensor],
     grad_y: Tensor | None,
     grad_ladj: Tensor | None,
@@ -323,19 +398,43 @@ def _made_affine_graph(
     with torch.enable_grad():
         leaves = [t.view_as(t) if t is not None else None for t in (x, x_in, context, *tensors)]
         x, x_in, context, *params = leaves
-        h = x_in if context is None else torch.cat((x_in, context), -1)
-        n = len(params) // 3
-        for i in range(n):
-            weight, bias, mask = params[3 * i : 3 * i + 3]
-            h = F.linear(h, weight * mask, bias)
-            if i < n - 1:
-                h = torch.relu(h)
-        outputs, grads = _affine_terms(x, h, bound, grad_y, grad_ladj)
-        inputs = [x, x_in, context, None, *params]
-        wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
-        found = iter(
-            torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True)
+        assert x is not None and x_in is not None
+        y, total, k = x, None, 0
+        for bound, depth in zip(bounds, depths, strict=True):
+            h = x_in if context is None else torch.cat((x_in, context), -1)
+            for i in range(depth):
+                weight, bias, mask = params[k : k + 3]
+                k += 3
+                h = F.linear(h, weight * mask, bias)
+                if i < depth - 1:
+                    h = torch.relu(h)
+            y, ladj = _affine_expression(y, h, bound)
+            total = ladj if total is None else total + ladj
+            x_in = y
+        assert total is not None
+        inputs = [x, leaves[1], context, None, None, *params]
+        return _needed_grads((y, total), (grad_y, grad_ladj), inputs, needs)
+
+
+def _needed_grads(
+    outputs: Sequence[Tensor],
+    grad_outputs: Sequence[Tensor | None],
+    inputs: Sequence[Tensor | None],
+    needs: Sequence[bool],
+) -> tuple[Tensor | None, ...]:
+    """The differentiable backwards' (``create_graph``) common end: the gradients of the
+    ``outputs`` that receive one for the ``inputs`` that need one, None for the others."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if g is not None]
+    wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+    found = iter(
+        torch.autograd.grad(
+            [o for o, _ in pairs],
+            wanted,
+            [g for _, g in pairs],
+            create_graph=True,
+            allow_unused=True,
         )
+    )
     return tuple(next(found) if need else None for need in needs)
 
 
@@ -366,22 +465,13 @@ def _affine_backward(
     return grad_x, torch.cat((grad_y.expand_as(grad_s), grad_s), -1)
 
 
-def _affine_terms(
-    x: Tensor, out: Tensor, bound: float, grad_y: Tensor | None, grad_ladj: Tensor | None
-) -> tuple[list[Tensor], list[Tensor]]:
-    r"""The bounded affine map's outputs that receive a gradient, :math:`y = \mu + e^{b(s)} x`
-    and :math:`\sum_i b(s_i)` from the MADE's output ``out`` = :math:`(\mu, s)`, each beside its
-    gradient: the differentiable backwards' (``create_graph``) common part."""
+def _affine_expression(x: Tensor, out: Tensor, bound: float) -> tuple[Tensor, Tensor]:
+    r"""The bounded affine map as a plain differentiable expression, :math:`y = \mu + e^{b(s)} x`
+    and :math:`\sum_i b(s_i)` from the MADE's output ``out`` = :math:`(\mu, s)`: what the
+    differentiable backwards (``create_graph``) differentiate."""
     dim = out.shape[-1] // 2
     b = _bounded(out[..., dim:], bound)
-    outputs, grads = [], []
-    if grad_y is not None:
-        outputs.append(torch.addcmul(out[..., :dim], b.exp(), x))
-        grads.append(grad_y)
-    if grad_ladj is not None:
-        outputs.append(b.sum(-1))
-        grads.append(grad_ladj)
-    return outputs, grads
+    return torch.addcmul(out[..., :dim], b.exp(), x), b.sum(-1)
 
 
 def _bounded(s: Tensor, bound: float) -> Tensor:
@@ -433,12 +523,12 @@ def _bounded_affine_graph(
     """:class:`_BoundedAffine`'s backward as a differentiable graph (for ``create_graph``)."""
     with torch.enable_grad():
         x, out = x.view_as(x), out.view_as(out)
-        outputs, grads = _affine_terms(x, out, bound, grad_y, grad_ladj)
-        wanted = [t for t, need in zip((x, out), needs, strict=False) if need]
-        found = iter(
-            torch.autograd.grad(outputs, wanted, grads, create_graph=True, allow_unused=True)
+        return (
+            *_needed_grads(
+                _affine_expression(x, out, bound), (grad_y, grad_ladj), (x, out), needs[:2]
+            ),
+            None,
         )
-    return (*(next(found) if need else None for need in needs[:2]), None)
 
 
 class SplineAutoregressive(_Autoregressive):

@@ -215,6 +215,15 @@ class Flow(_TransformMethods, TransformModule):
     def _inverse_ladj(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    @classmethod
+    def _chain_forward_ladj(
+        cls, flows: Sequence[Flow], x: Tensor, context: Tensor | None
+    ) -> tuple[Tensor, Tensor] | None:
+        """Several flows of this class in a row (each reading ``context``, or all none) as one
+        fused pass: ``(y, the summed log-dets)``, or None where the class has none, and
+        :class:`Compose` runs them one by one."""
+        return None
+
     # -- shared machinery ---------------------------------------------------------------------
     @property
     def sign(self) -> int:  # type: ignore[override]
@@ -329,7 +338,8 @@ class Compose(Flow):
     r"""A composition :math:`f = f_n \circ \dots \circ f_1` of flows of the same dimension.
 
     The log-dets add. The composition is conditional when any part is; every conditional part
-    receives the same context.
+    receives the same context. Consecutive parts that have a fused pass together (IAF layers
+    with ReLU MADEs) run as one autograd node, with the same values and gradients.
 
     Args:
         flows: the flows, in the order they act on base noise.
@@ -373,9 +383,28 @@ class Compose(Flow):
 
     def _forward_ladj(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         total: Tensor | int = 0
-        for f in self.flows:
-            x, ladj = f._forward_ladj(x, context if f.context_dim else None)
-            total = total + ladj
+        flows: list[Flow] = list(self.flows)  # type: ignore[arg-type]
+        i = 0
+        while i < len(flows):
+            # a run of flows of one class, all conditional or none: one fused pass if the
+            # class has one (``_chain_forward_ladj``), else one flow at a time
+            first, j = flows[i], i + 1
+            while (
+                j < len(flows)
+                and type(flows[j]) is type(first)
+                and bool(flows[j].context_dim) == bool(first.context_dim)
+            ):
+                j += 1
+            part = context if first.context_dim else None
+            fused = type(first)._chain_forward_ladj(flows[i:j], x, part) if j - i > 1 else None
+            if fused is not None:
+                x, ladj = fused
+                total = total + ladj
+            else:
+                for f in flows[i:j]:
+                    x, ladj = f._forward_ladj(x, part)
+                    total = total + ladj
+            i = j
         return x, total  # type: ignore[return-value]
 
     def _inverse_ladj(self, y: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
