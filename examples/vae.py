@@ -56,8 +56,8 @@ Examples::
 
     python examples/vae.py --epochs 3 --latent-dim 32 --output vae-results
     python examples/vae.py --smoke --synthetic --output vae-smoke      # CI, < 1 minute
-    python examples/vae.py --epochs 60 --flow-layers iaf=3 --made-hidden 640 --lr-decay 0.1 \
-        --context-dim iaf=32   # the docs' study (one posterior at a time, then all five)
+    python examples/vae.py --epochs 60 --flow-layers iaf=3 --made-hidden iaf=560,nsf=640 \
+        --context-dim iaf=32 --lr-decay 0.1  # the docs' study (one posterior at a time, then all)
     torchrun --standalone --nproc_per_node=4 examples/vae.py --epochs 3 --output vae-ddp
 
 References: Kingma & Welling 2014 (arXiv:1312.6114); Rezende & Mohamed 2015 (arXiv:1505.05770);
