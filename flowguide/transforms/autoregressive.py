@@ -399,9 +399,9 @@ def _made_affine_graph(
         leaves = [t.view_as(t) if t is not None else None for t in (x, x_in, context, *tensors)]
         x, x_in, context, *params = leaves
         assert x is not None and x_in is not None
-        y, total, k = x, None, 0
+        y, made_in, total, k = x, x_in, None, 0  # the first MADE reads x_in, the others y
         for bound, depth in zip(bounds, depths, strict=True):
-            h = x_in if context is None else torch.cat((x_in, context), -1)
+            h = made_in if context is None else torch.cat((made_in, context), -1)
             for i in range(depth):
                 weight, bias, mask = params[k : k + 3]
                 k += 3
@@ -410,9 +410,9 @@ def _made_affine_graph(
                     h = torch.relu(h)
             y, ladj = _affine_expression(y, h, bound)
             total = ladj if total is None else total + ladj
-            x_in = y
+            made_in = y
         assert total is not None
-        inputs = [x, leaves[1], context, None, None, *params]
+        inputs = [x, x_in, context, None, None, *params]
         return _needed_grads((y, total), (grad_y, grad_ladj), inputs, needs)
 
 
